@@ -17,8 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key."""
+from .errors import ConfigError  # noqa: E402  (re-exported: config users import it from here)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
