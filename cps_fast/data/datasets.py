@@ -1,0 +1,531 @@
+"""Dataset indexes and labeled / unlabeled / validation splits.
+
+``build_splits(cfg)`` finds the dataset tree under ``cfg.root`` (PASCAL VOC official or CPS
+layout, Cityscapes official or CPS layout, or the built-in synthetic set), indexes its files
+once with a directory scan (so that checking 10k list entries is a set lookup, not 10k
+``stat`` calls), and resolves the split lists against that index. Lists may name bare ids
+(``2007_000032``) or ``image_path<TAB>label_path`` lines relative to the root; both resolve
+through the id, so the official CPS Cityscapes lists (``/images/train/x.png ...``) also work
+on the official ``leftImg8bit/`` tree.
+
+Every problem raises ``DataError`` naming the file or option, unless ``strict=False``, in
+which case problems are collected in ``Splits.problems`` (``python -m cps_fast.data check``
+reports them all at once).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Iterable, Optional
+
+import numpy as np
+
+from ..config import DataConfig, parse_split
+from ..errors import ConfigError, DataError
+from .cityscapes_labels import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_NUM_CLASSES,
+                                CITYSCAPES_PALETTE, labelid_to_trainid_lut)
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and (when known) its label map, as absolute paths."""
+    id: str
+    image: str
+    label: Optional[str]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset's labels mean. Arrays are excluded from equality and hashing."""
+    name: str
+    num_classes: int
+    ignore_index: int
+    class_names: tuple
+    palette: np.ndarray = field(compare=False)                 # (num_classes, 3) uint8
+    background_index: Optional[int] = None                     # 0 for VOC/synthetic
+    label_lut: Optional[np.ndarray] = field(default=None, compare=False)  # (256,) uint8
+
+
+@dataclass
+class Splits:
+    labeled: list
+    unlabeled: list
+    val: list
+    info: DatasetInfo
+    problems: list = field(default_factory=list)  # only filled when built with strict=False
+    sources: dict = field(default_factory=dict)   # where each split came from, for logs
+
+
+# --------------------------------------------------------------------------- dataset facts
+
+VOC_CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The standard PASCAL VOC colour map (bit-interleaved), ``(n, 3)`` uint8."""
+    pal = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def voc_info() -> DatasetInfo:
+    return DatasetInfo("voc", 21, 255, VOC_CLASS_NAMES, voc_palette(21), 0, None)
+
+
+def cityscapes_info(use_labelids: bool) -> DatasetInfo:
+    lut = labelid_to_trainid_lut(255) if use_labelids else None
+    return DatasetInfo("cityscapes", CITYSCAPES_NUM_CLASSES, 255, CITYSCAPES_CLASS_NAMES,
+                       CITYSCAPES_PALETTE.copy(), None, lut)
+
+
+def dataset_num_classes(name: str) -> int:
+    from .synthetic import SYNTHETIC_CLASS_NAMES
+    return {"voc": 21, "cityscapes": 19, "synthetic": len(SYNTHETIC_CLASS_NAMES)}[name]
+
+
+# --------------------------------------------------------------------------- problems
+
+
+class _Problems:
+    """Raise at the first problem (strict) or collect them all (for ``check``)."""
+
+    def __init__(self, strict: bool):
+        self.strict, self.items = strict, []
+
+    def report(self, msg: str) -> None:
+        if self.strict:
+            raise DataError(msg)
+        self.items.append(msg)
+
+
+def _preview(ids: list, n: int = 5) -> str:
+    shown = ", ".join(str(i) for i in ids[:n])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > n else f" ({len(ids)} in all)")
+
+
+# --------------------------------------------------------------------------- list files
+
+_IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def id_from_path(path: str) -> str:
+    """``/images/train/jena_000078_000019.png`` -> ``jena_000078_000019``; also strips the
+    Cityscapes ``_leftImg8bit`` suffix so that CPS and official trees share ids."""
+    stem = os.path.splitext(os.path.basename(path.replace("\\", "/")))[0]
+    return stem[: -len("_leftImg8bit")] if stem.endswith("_leftImg8bit") else stem
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    id: str
+    image: Optional[str] = None   # as written in the list (relative to the root)
+    label: Optional[str] = None
+
+
+def read_list(path: str) -> list:
+    """Parse a split list: one bare id per line, or ``image<TAB>label`` (or two
+    whitespace-separated paths). Tolerates CRLF, trailing blanks, blank lines, '#' comments."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: split list not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read split list ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: split list is not UTF-8 text") from None
+    entries = []
+    for line in text.splitlines():  # handles \n, \r\n and \r
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\t" in line:
+            parts = [p.strip() for p in line.split("\t") if p.strip()]
+        else:
+            parts = line.split()
+            # Two tokens that look like image paths: "JPEGImages/x.jpg SegmentationClassAug/x.png".
+            # Anything else is a bare id (which may itself contain spaces).
+            if not (len(parts) == 2 and all(p.lower().endswith(_IMG_EXT) for p in parts)):
+                parts = [line]
+        if len(parts) == 1 and not parts[0].lower().endswith(_IMG_EXT):
+            entries.append(ListEntry(parts[0]))
+        else:
+            entries.append(ListEntry(id_from_path(parts[0]), parts[0],
+                                     parts[1] if len(parts) > 1 else None))
+    if not entries:
+        raise DataError(f"{path}: split list is empty")
+    return entries
+
+
+def split_tag(split: str) -> str:
+    """'1/8' -> '1-8'; '183' -> '183' (the official file naming)."""
+    return str(split).strip().replace("/", "-")
+
+
+def find_split_files(split_dir: str, split: str) -> tuple:
+    """Find ``*labeled_<tag>.txt`` and ``*unlabeled_<tag>.txt`` under ``split_dir`` (or one
+    or two folders down, as in the official ``subset_train_aug/``). Prefers ``train_aug_``."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"data.split_dir: {split_dir} is not a directory")
+    tag = split_tag(split)
+    found = {"labeled": [], "unlabeled": []}
+    for depth in ("", "*", "*/*"):
+        for p in sorted(glob.glob(os.path.join(glob.escape(split_dir), depth, f"*labeled_{tag}.txt"))):
+            name = os.path.basename(p)
+            kind = "unlabeled" if re.search(r"(^|_)unlabeled_", name) else "labeled"
+            found[kind].append(p)
+        if found["labeled"] and found["unlabeled"]:
+            break
+    out = []
+    for kind in ("labeled", "unlabeled"):
+        cands = found[kind]
+        if not cands:
+            raise DataError(f"data.split_dir: no *{kind}_{tag}.txt for split {split} in {split_dir}")
+        pref = [p for p in cands if os.path.basename(p).startswith("train_aug_")]
+        if len(cands) > 1 and len(pref) != 1:
+            raise DataError(f"data.split_dir: several {kind} lists for split {split}: "
+                            f"{', '.join(cands[:4])}; name one with data.{kind}_list")
+        out.append(pref[0] if pref else cands[0])
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def labeled_count(n: int, split: str) -> int:
+    """Number of labeled images for ``split`` over ``n`` train images. Fractions round up,
+    which reproduces the official counts (10582 -> 662/1323/2646/5291; 2975 -> 186/372/744/1488)."""
+    kind, _ = parse_split(split)
+    if kind == "fraction":
+        frac = Fraction(str(split).strip())
+        k = -(-n * frac.numerator // frac.denominator)
+    else:
+        k = int(str(split).strip())
+    if k > n:
+        raise ConfigError(f"data.split: {split} asks for {k} labeled images but the train "
+                          f"list has only {n}")
+    return k
+
+
+def make_partition(ids: list, split: str, seed: int) -> tuple:
+    """Seeded partition of ``ids`` into (labeled, unlabeled), disjoint, both in list order.
+
+    Depends only on (ids in order, split, seed): the same inputs give the same lists bitwise.
+    """
+    k = labeled_count(len(ids), split)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x5C17])))
+    chosen = np.zeros(len(ids), dtype=bool)
+    chosen[rng.permutation(len(ids))[:k]] = True
+    labeled = [i for i, c in zip(ids, chosen) if c]
+    unlabeled = [i for i, c in zip(ids, chosen) if not c]
+    return labeled, unlabeled
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@dataclass
+class _Layout:
+    """A scanned dataset tree: id -> Sample for the train and val sides, default lists."""
+    root: str
+    kind: str
+    train: dict
+    val: dict
+    train_ids: list
+    val_ids: list
+    info: DatasetInfo
+    train_src: str = ""
+    val_src: str = ""
+
+
+def _scan(dirpath: str, suffix: str) -> dict:
+    """{name_without_suffix: absolute path} for the files in ``dirpath`` ending in ``suffix``."""
+    out = {}
+    with os.scandir(dirpath) as it:
+        for e in it:
+            if e.name.endswith(suffix) and e.is_file():
+                out[e.name[: -len(suffix)]] = os.path.abspath(e.path)
+    return out
+
+
+def _need_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: {what} directory not found")
+    return path
+
+
+def _voc_layout(root: str, info: DatasetInfo) -> _Layout:
+    for base in (os.path.join(root, "VOCdevkit", "VOC2012"), os.path.join(root, "VOC2012"), root):
+        if os.path.isdir(os.path.join(base, "JPEGImages")):
+            return _voc_official(base, info)
+    for train_name in ("train_aug", "train"):
+        if os.path.isdir(os.path.join(root, train_name, "image")):
+            return _voc_cps(root, train_name, info)
+    raise DataError(f"{root}: no PASCAL VOC tree found (expected VOCdevkit/VOC2012/JPEGImages + "
+                    "SegmentationClassAug, or the CPS layout train_aug/image + train_aug/label)")
+
+
+def _voc_official(base: str, info: DatasetInfo) -> _Layout:
+    images = _scan(os.path.join(base, "JPEGImages"), ".jpg")
+    label_dir = os.path.join(base, "SegmentationClassAug")
+    aug = os.path.isdir(label_dir)
+    if not aug:
+        label_dir = _need_dir(os.path.join(base, "SegmentationClass"),
+                              "label (SegmentationClassAug or SegmentationClass)")
+    labels = _scan(label_dir, ".png")
+    index = {i: Sample(i, p, labels.get(i)) for i, p in images.items()}
+    sets = os.path.join(base, "ImageSets", "Segmentation")
+    val_file = os.path.join(sets, "val.txt")
+    if not os.path.isfile(val_file):
+        raise DataError(f"{val_file}: validation list not found")
+    val_ids = [e.id for e in read_list(val_file)]
+    train_file = os.path.join(sets, "train_aug.txt")
+    if os.path.isfile(train_file):
+        train_ids, train_src = [e.id for e in read_list(train_file)], train_file
+    elif aug:
+        # No train_aug.txt: the usual definition is every SBD-augmented label minus val.
+        vs = set(val_ids)
+        train_ids = sorted(i for i in labels if i not in vs)
+        train_src = f"{label_dir} minus {val_file}"
+    else:
+        train_file = os.path.join(sets, "train.txt")
+        if not os.path.isfile(train_file):
+            raise DataError(f"{sets}: neither train_aug.txt nor train.txt found")
+        train_ids, train_src = [e.id for e in read_list(train_file)], train_file
+    return _Layout(base, "voc-official", index, index, train_ids, val_ids, info, train_src, val_file)
+
+
+def _voc_cps(root: str, train_name: str, info: DatasetInfo) -> _Layout:
+    sides = {}
+    for side in (train_name, "val"):
+        img_dir = _need_dir(os.path.join(root, side, "image"), "image")
+        lab_dir = _need_dir(os.path.join(root, side, "label"), "label")
+        images, labels = _scan(img_dir, ".jpg"), _scan(lab_dir, ".png")
+        index = {i: Sample(i, p, labels.get(i)) for i, p in images.items()}
+        lst = os.path.join(root, f"{side}.txt")
+        if os.path.isfile(lst):
+            ids, src = [e.id for e in read_list(lst)], lst
+        else:
+            ids, src = sorted(index), img_dir
+        sides[side] = (index, ids, src)
+    (ti, tids, tsrc), (vi, vids, vsrc) = sides[train_name], sides["val"]
+    return _Layout(root, "voc-cps", ti, vi, tids, vids, info, tsrc, vsrc)
+
+
+def _cityscapes_layout(root: str) -> _Layout:
+    if os.path.isdir(os.path.join(root, "leftImg8bit")):
+        return _cityscapes_official(root)
+    if os.path.isdir(os.path.join(root, "images")):
+        return _cityscapes_cps(root)
+    raise DataError(f"{root}: no Cityscapes tree found (expected leftImg8bit/ + gtFine/, or "
+                    "the CPS layout images/ + segmentation/)")
+
+
+def _cityscapes_official(root: str) -> _Layout:
+    per_side = {}
+    for side in ("train", "val"):
+        img_root = _need_dir(os.path.join(root, "leftImg8bit", side), "image")
+        gt_root = _need_dir(os.path.join(root, "gtFine", side), "label")
+        images, train_ids_lab, label_ids_lab = {}, {}, {}
+        for city in sorted(os.listdir(img_root)):
+            d = os.path.join(img_root, city)
+            if os.path.isdir(d):
+                images.update(_scan(d, "_leftImg8bit.png"))
+        for city in sorted(os.listdir(gt_root)):
+            d = os.path.join(gt_root, city)
+            if os.path.isdir(d):
+                train_ids_lab.update(_scan(d, "_gtFine_labelTrainIds.png"))
+                label_ids_lab.update(_scan(d, "_gtFine_labelIds.png"))
+        per_side[side] = (images, train_ids_lab, label_ids_lab)
+    # One label encoding for the whole dataset (the LUT lives in DatasetInfo): trainIds when
+    # every image has them, otherwise labelIds mapped through the standard LUT.
+    all_ids = [(i, s) for s in per_side for i in per_side[s][0]]
+    use_train_ids = all(i in per_side[s][1] for i, s in all_ids) and bool(all_ids)
+    info = cityscapes_info(use_labelids=not use_train_ids)
+    idx = {}
+    for side, (images, tr, li) in per_side.items():
+        labs = tr if use_train_ids else li
+        idx[side] = {i: Sample(i, p, labs.get(i)) for i, p in images.items()}
+    return _Layout(root, "cityscapes-official", idx["train"], idx["val"], sorted(idx["train"]),
+                   sorted(idx["val"]), info, os.path.join(root, "leftImg8bit", "train"),
+                   os.path.join(root, "leftImg8bit", "val"))
+
+
+def _cityscapes_cps(root: str) -> _Layout:
+    idx = {}
+    for side in ("train", "val"):
+        images = _scan(_need_dir(os.path.join(root, "images", side), "image"), ".png")
+        labels = _scan(_need_dir(os.path.join(root, "segmentation", side), "label"), "_gtFine.png")
+        idx[side] = {id_from_path(n): Sample(id_from_path(n), p, labels.get(id_from_path(n)))
+                     for n, p in images.items()}
+    # The CPS tree's *_gtFine.png files are trainIds already.
+    return _Layout(root, "cityscapes-cps", idx["train"], idx["val"], sorted(idx["train"]),
+                   sorted(idx["val"]), cityscapes_info(use_labelids=False),
+                   os.path.join(root, "images", "train"), os.path.join(root, "images", "val"))
+
+
+# --------------------------------------------------------------------------- resolving lists
+
+
+def _resolve(entries: Iterable, index: dict, root: str, list_name: str, need_labels: bool,
+             problems: _Problems) -> list:
+    """Turn list entries into Samples; report unknown ids, missing labels and duplicates."""
+    samples, missing, unlabeled, seen, dups = [], [], [], set(), []
+    for e in entries:
+        s = index.get(e.id)
+        if s is None and e.image is not None:
+            # Not in the scanned tree: accept the list's own paths when the files exist.
+            img = os.path.join(root, e.image.lstrip("/\\"))
+            lab = os.path.join(root, e.label.lstrip("/\\")) if e.label else None
+            if os.path.isfile(img):
+                s = Sample(e.id, os.path.abspath(img),
+                           os.path.abspath(lab) if lab and os.path.isfile(lab) else None)
+        if s is None:
+            missing.append(e.id)
+            continue
+        if s.id in seen:
+            dups.append(s.id)
+            continue
+        seen.add(s.id)
+        if need_labels and s.label is None:
+            unlabeled.append(s.id)
+            continue
+        samples.append(s)
+    if missing:
+        problems.report(f"{list_name}: names ids whose image files do not exist under {root}: "
+                        f"{_preview(missing)}")
+    if unlabeled:
+        problems.report(f"{list_name}: ids without a label file: {_preview(unlabeled)}")
+    if dups:
+        problems.report(f"{list_name}: ids listed more than once: {_preview(dups)}")
+    if not samples and not missing and not unlabeled:
+        problems.report(f"{list_name}: split is empty")
+    return samples
+
+
+def default_root(dataset: str) -> Optional[str]:
+    if dataset == "synthetic":
+        from .synthetic import default_synthetic_root
+        return default_synthetic_root()
+    return None
+
+
+def build_splits(cfg: DataConfig, strict: bool = True) -> Splits:
+    """Index the dataset named by ``cfg`` and return its labeled / unlabeled / val samples.
+
+    Raises DataError (missing root, dirs, list files, unknown ids, empty lists, labeled ids
+    without labels, overlap of labeled and unlabeled) or ConfigError (``data.num_classes``
+    not the dataset's). With ``strict=False`` list problems are collected in
+    ``Splits.problems`` instead (a missing root or layout still raises).
+    """
+    expected = dataset_num_classes(cfg.dataset)
+    if cfg.num_classes != expected:
+        raise ConfigError(f"data.num_classes: {cfg.num_classes}, but dataset {cfg.dataset} has "
+                          f"{expected} classes")
+    if cfg.ignore_index != 255:
+        raise ConfigError(f"data.ignore_index: {cfg.ignore_index}, but {cfg.dataset} label files "
+                          "mark ignored pixels with 255")
+    root = cfg.root
+    if cfg.dataset == "synthetic":
+        from .synthetic import ensure_synthetic, synthetic_info
+        root = root or default_root("synthetic")
+        ensure_synthetic(root)
+        layout = _voc_layout(root, synthetic_info())
+    else:
+        if not root:
+            raise DataError(f"data.root: not set (the {cfg.dataset} dataset needs --data-root DIR)")
+        if not os.path.isdir(root):
+            raise DataError(f"data.root: {root} does not exist or is not a directory")
+        layout = _voc_layout(root, voc_info()) if cfg.dataset == "voc" else _cityscapes_layout(root)
+
+    problems = _Problems(strict)
+    root_abs = os.path.abspath(layout.root)
+
+    # ---- labeled / unlabeled
+    if cfg.labeled_list or cfg.unlabeled_list:
+        if not cfg.labeled_list:
+            raise ConfigError("data.labeled_list: needed when data.unlabeled_list is given")
+        lab_src = cfg.labeled_list
+        lab_entries = read_list(lab_src)
+        if cfg.unlabeled_list:
+            unl_src = cfg.unlabeled_list
+            unl_entries = read_list(unl_src)
+        else:  # unlabeled = the rest of the train list
+            lab_ids = {e.id for e in lab_entries}
+            unl_src = f"{layout.train_src} minus {lab_src}"
+            unl_entries = [ListEntry(i) for i in layout.train_ids if i not in lab_ids]
+    elif cfg.split_dir:
+        lab_src, unl_src = find_split_files(cfg.split_dir, cfg.split)
+        lab_entries, unl_entries = read_list(lab_src), read_list(unl_src)
+    else:
+        if not layout.train_ids:
+            raise DataError(f"{layout.train_src}: the train list is empty")
+        lab_ids, unl_ids = make_partition(layout.train_ids, cfg.split, cfg.split_seed)
+        lab_src = f"partition {cfg.split} (seed {cfg.split_seed}) of {layout.train_src}"
+        unl_src = f"rest of {layout.train_src}"
+        lab_entries = [ListEntry(i) for i in lab_ids]
+        unl_entries = [ListEntry(i) for i in unl_ids]
+
+    labeled = _resolve(lab_entries, layout.train, root_abs, lab_src, True, problems)
+    unlabeled = _resolve(unl_entries, layout.train, root_abs, unl_src, False, problems) \
+        if unl_entries else []
+    both = {s.id for s in labeled} & {s.id for s in unlabeled}
+    if both:
+        problems.report(f"{unl_src}: ids also in the labeled list {lab_src}: "
+                        f"{_preview(sorted(both))}")
+
+    # ---- validation
+    if cfg.val_list:
+        val_src, val_entries = cfg.val_list, read_list(cfg.val_list)
+    else:
+        val_src, val_entries = layout.val_src, [ListEntry(i) for i in layout.val_ids]
+        if not val_entries:
+            problems.report(f"{val_src}: no validation images")
+    val = _resolve(val_entries, layout.val, root_abs, val_src, True, problems) if val_entries else []
+
+    return Splits(labeled, unlabeled, val, layout.info, problems.items,
+                  {"root": root_abs, "layout": layout.kind, "labeled": lab_src,
+                   "unlabeled": unl_src, "val": val_src})
+
+
+def write_list(path: str, samples: list, root: Optional[str] = None, paths: bool = False) -> None:
+    """Write a split list: bare ids, or (``paths=True``) ``/image<TAB>/label`` relative to
+    ``root`` as in the official Cityscapes lists. Unix newlines."""
+    lines = []
+    for s in samples:
+        if paths and root:
+            img = "/" + os.path.relpath(s.image, root).replace(os.sep, "/")
+            lab = "/" + os.path.relpath(s.label, root).replace(os.sep, "/") if s.label else ""
+            lines.append(f"{img}\t{lab}" if lab else img)
+        else:
+            lines.append(s.id)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="\n") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = [
+    "Sample", "DatasetInfo", "Splits", "build_splits", "read_list", "find_split_files",
+    "make_partition", "labeled_count", "voc_info", "cityscapes_info", "voc_palette",
+    "id_from_path", "split_tag", "write_list", "VOC_CLASS_NAMES",
+]
