@@ -155,6 +155,15 @@ def test_forward_traces_without_data_dependent_control_flow():
     torch.fx.symbolic_trace(model.backbone)
 
 
+def test_dynamo_fullgraph_no_graph_breaks():
+    # fullgraph=True fails on any graph break (.item(), data-dependent shapes or branches).
+    # The "eager" backend only traces (no code generation), so this stays cheap on a CPU.
+    model = _build(tiny(aspp_channels=16, decoder_channels=16, low_level_channels=8), num_classes=3)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 40, 40)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
 @pytest.mark.gpu
 def test_cuda_graph_capture_and_no_sync():
     dev = torch.device("cuda")
