@@ -18,3 +18,135 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor,
     count = (target != ignore_index).sum()
     # clamp keeps the all-ignored case at 0 / 1 = 0 without a host-side branch.
     return (total / count.clamp_min(1).to(total.dtype)).to(logits.dtype)
+
+
+# ============================================================================== Triton
+# Fused forward + gradient: one read of the logits, one write of the gradient.
+#
+# Bytes per pixel (es = element size of the logits dtype):
+#   read  C*es (logits) + target (1..8 B)      write C*es (gradient)
+#   -> VOC 16x21x512^2 bf16: 4.19 M px * (42 + 42 + 1) B = 357 MB per forward;
+#   the backward (scale_grad) reads and writes the gradient once more: + 2*C*es per pixel.
+# The partial sums are one fp32 + one int32 per program (G programs), reduced by
+# finalize_mean in a fixed order (deterministic, no float atomics, no host sync).
+from ._common import (HAVE_TRITON, check_logits, check_runnable, define_op,  # noqa: E402
+                      empty_like_prepared, finalize_mean, prepare_logits, scale_grad,
+                      tile_shape)
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._common import load_logits_tile, pick, softmax_stats
+
+    @triton.jit
+    def cross_entropy_fwd_kernel(logits_ptr, target_ptr, grad_ptr, sum_part_ptr, cnt_part_ptr,
+                                 HW, ignore_index,
+                                 NUM_CLASSES: tl.constexpr, BLOCK_C: tl.constexpr,
+                                 BLOCK_P: tl.constexpr, TILES: tl.constexpr,
+                                 CHANNELS_LAST: tl.constexpr):
+        """Grid (cdiv(HW, BLOCK_P*TILES), N). Per pixel: ce = logsumexp(x) - x[t] and the
+        unnormalised gradient (softmax(x) - onehot(t)) * valid; per program: sum(ce * valid)
+        and the number of valid pixels. Targets outside [0, C) are treated as ignored (never
+        used as an address)."""
+        pid_s = tl.program_id(0)
+        n = tl.program_id(1)
+        img = n.to(tl.int64) * HW * NUM_CLASSES      # 64-bit image base, 32-bit in-image offsets
+        x_img = logits_ptr + img
+        g_img = grad_ptr + img
+        t_img = target_ptr + n.to(tl.int64) * HW
+        c_offs = tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for i in range(TILES):
+            s_offs = (pid_s * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+            x, offs, mask = load_logits_tile(x_img, s_offs, HW, NUM_CLASSES, BLOCK_C,
+                                             CHANNELS_LAST)
+            t = tl.load(t_img + s_offs, mask=s_offs < HW, other=0).to(tl.int64)
+            valid = (s_offs < HW) & (t != ignore_index) & (t >= 0) & (t < NUM_CLASSES)
+            t = tl.where(valid, t, 0).to(tl.int32)
+            m, am, e, ssum = softmax_stats(x, BLOCK_C)
+            ce = tl.log(ssum) + m - pick(x, t, BLOCK_C)
+            acc += tl.where(valid, ce, 0.0)
+            cnt += valid.to(tl.int32)
+            g = e * (1.0 / ssum)[:, None] - (c_offs[None, :] == t[:, None]).to(tl.float32)
+            g = tl.where(valid[:, None], g, 0.0)
+            tl.store(g_img + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        pid = n * tl.num_programs(0) + pid_s
+        tl.store(sum_part_ptr + pid, tl.sum(acc, axis=0))
+        tl.store(cnt_part_ptr + pid, tl.sum(cnt, axis=0))
+
+    CE_NUM_WARPS = 4
+    CE_TILES = 8        # 1024 pixels per program: few partials for finalize_mean to add
+
+    def _launch_shape(hw: int, num_classes: int, block_p=None, tiles=None):
+        block_c, bp = tile_shape(num_classes)
+        block_p = block_p or bp
+        tiles = tiles or max(1, min(CE_TILES, triton.cdiv(hw, block_p)))
+        return block_c, block_p, tiles
+
+    def _ce_impl(logits, target, ignore_index, block_p=None, tiles=None):
+        check_runnable("cross_entropy", logits, target)
+        check_logits("cross_entropy", logits)
+        x, cl = prepare_logits(logits)
+        n, c, h, w = x.shape
+        hw = h * w
+        t = target.contiguous()
+        grad = empty_like_prepared(logits)
+        block_c, block_p, tiles = _launch_shape(hw, c, block_p, tiles)
+        g0 = triton.cdiv(hw, block_p * tiles) if hw > 0 else 0
+        sum_part = torch.zeros(max(1, g0 * n), dtype=torch.float32, device=x.device)
+        cnt_part = torch.zeros(max(1, g0 * n), dtype=torch.int32, device=x.device)
+        if g0 * n > 0:
+            cross_entropy_fwd_kernel[(g0, n)](
+                x, t, grad, sum_part, cnt_part, hw, ignore_index,
+                NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
+                CHANNELS_LAST=cl, num_warps=CE_NUM_WARPS)
+        loss, inv = finalize_mean(sum_part, cnt_part, logits.dtype)
+        return loss, grad, inv
+
+    def _ce_fake(logits, target, ignore_index):
+        return (logits.new_empty(()), empty_like_prepared(logits),
+                logits.new_empty((), dtype=torch.float32))
+
+    def _ce_setup(ctx, inputs, output):
+        _, grad, inv = output
+        ctx.save_for_backward(grad, inv)
+        ctx.mark_non_differentiable(grad, inv)
+
+    def _ce_backward(ctx, g_loss, g_grad, g_inv):
+        grad, inv = ctx.saved_tensors
+        return scale_grad(grad, g_loss, inv), None, None
+
+    cross_entropy_op = define_op(
+        "cps_fast::cross_entropy_triton",
+        "(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor, Tensor)",
+        lambda logits, target, ignore_index: _ce_impl(logits, target, ignore_index),
+        _ce_fake, _ce_backward, _ce_setup)
+
+    def cross_entropy_triton(logits: torch.Tensor, target: torch.Tensor,
+                             ignore_index: int = 255) -> torch.Tensor:
+        """Mean CE over non-ignored pixels (0 when none), differentiable in logits.
+
+        Outputs of the op: (loss, stored gradient, 1/count); only the loss is returned."""
+        return cross_entropy_op(logits, target, ignore_index)[0]
+
+    def aot_specs():
+        """Kernels and real-shape constexprs for the ahead-of-time compile test."""
+        block_c, block_p = tile_shape(21)
+        out = []
+        for dt in ("bf16", "fp32", "fp16"):
+            for cl in (False, True):
+                for c in (19, 21):
+                    out.append(dict(
+                        name=f"cross_entropy_fwd[C={c},{dt},{'NHWC' if cl else 'NCHW'}]",
+                        fn=cross_entropy_fwd_kernel,
+                        signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8",
+                                   "grad_ptr": f"*{dt}", "sum_part_ptr": "*fp32",
+                                   "cnt_part_ptr": "*i32", "HW": "i32", "ignore_index": "i32"},
+                        constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
+                                        TILES=CE_TILES, CHANNELS_LAST=cl),
+                        divisible=("logits_ptr", "target_ptr", "grad_ptr", "sum_part_ptr",
+                                   "cnt_part_ptr", "HW"),
+                        num_warps=CE_NUM_WARPS))
+        return out
