@@ -1,0 +1,160 @@
+"""One training iteration of CPS, CPS + CutMix or the supervised baseline.
+
+``TrainStep`` is the single step function both paths use: the eager path calls it
+directly; the fast path (CUDA graph) captures the very same call. It therefore never
+synchronises the host with the device: losses and statistics come back as device tensors,
+a non-finite loss skips the optimiser update on the device (``found_inf``), and the CutMix
+masks are drawn from a device generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import Config
+from ..kernels.cps_loss import agreement_stats
+from .cutmix import box_masks, mix
+from .optim import PolySGD
+
+METRIC_KEYS = ("loss", "sup_a", "sup_b", "cps", "nonfinite")
+
+
+class TrainStep:
+    """Forward of both networks, the losses, one backward and the optimiser step."""
+
+    def __init__(self, nets: list[nn.Module], optim: PolySGD, cfg: Config,
+                 background_index: Optional[int], device: torch.device,
+                 cutmix_generator: Optional[torch.Generator] = None):
+        self.nets = nets
+        self.optim = optim
+        self.method = cfg.train.method
+        self.cps_weight = cfg.loss.cps_weight
+        self.loss_cfg = cfg.loss
+        self.ignore_index = cfg.data.ignore_index
+        self.backend = cfg.train.kernels
+        self.background_index = background_index
+        self.device = device
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16,
+                          "fp16": torch.float16}[cfg.train.amp]
+        self.channels_last = cfg.model.channels_last
+        self.generator = cutmix_generator
+        if self.method == "cps-cutmix" and cutmix_generator is None:
+            raise ValueError("cps-cutmix needs a generator for the box masks")
+        self.scaler = DeviceLossScaler(device) if self.amp_dtype is torch.float16 else None
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _fwd(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return net(x)
+
+    def _sup(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_cfg.supervised == "ohem":
+            return ops.ohem_cross_entropy(logits, target, self.loss_cfg.ohem_thresh,
+                                          self.loss_cfg.ohem_min_kept, self.ignore_index,
+                                          backend=self.backend)
+        return ops.cross_entropy(logits, target, self.ignore_index, backend=self.backend)
+
+    # ------------------------------------------------------------------ losses
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The forward pass and the losses (no backward); all values are device tensors."""
+        img, label = batch["image"], batch["label"]
+        zero = torch.zeros((), device=self.device)
+        stats = torch.zeros(4, dtype=torch.int64, device=self.device)
+        with self._autocast():
+            if self.method == "supervised":
+                sup_a = self._sup(self._fwd(self.nets[0], img), label)
+                return {"loss": sup_a, "sup_a": sup_a, "sup_b": zero, "cps": zero,
+                        "stats": stats}
+            net_a, net_b = self.nets
+            if self.method == "cps":
+                uimg = batch["unlabeled"]
+                la, ua = self._fwd(net_a, img), self._fwd(net_a, uimg)
+                lb, ub = self._fwd(net_b, img), self._fwd(net_b, uimg)
+                sup_a, sup_b = self._sup(la, label), self._sup(lb, label)
+                is_labeled = torch.cat([
+                    torch.ones(img.shape[0], dtype=torch.bool, device=self.device),
+                    torch.zeros(uimg.shape[0], dtype=torch.bool, device=self.device)])
+                cps, stats = ops.cps_loss(torch.cat([la, ua]), torch.cat([lb, ub]),
+                                          is_labeled=is_labeled,
+                                          background_index=self.background_index,
+                                          backend=self.backend)
+            else:  # cps-cutmix: CPS on the mixed unlabeled images only
+                u0, u1 = batch["unlabeled"], batch["unlabeled2"]
+                n, _, h, w = u0.shape
+                mask = box_masks(n, h, w, self.generator, self.device)
+                with torch.no_grad():
+                    # Teachers: each network on both unmixed images, logits mixed with
+                    # the same mask; their argmax supervises the *other* network.
+                    t_a = mix(self._fwd(net_a, u0), self._fwd(net_a, u1), mask)
+                    t_b = mix(self._fwd(net_b, u0), self._fwd(net_b, u1), mask)
+                    pseudo_a, pseudo_b = t_a.argmax(1), t_b.argmax(1)
+                    stats = agreement_stats(pseudo_a, pseudo_b, None, None,
+                                            self.background_index)
+                umix = mix(u0, u1, mask)
+                sa, sb = self._fwd(net_a, umix), self._fwd(net_b, umix)
+                cps = (ops.cross_entropy(sa, pseudo_b, self.ignore_index, backend=self.backend)
+                       + ops.cross_entropy(sb, pseudo_a, self.ignore_index,
+                                           backend=self.backend))
+                la, lb = self._fwd(net_a, img), self._fwd(net_b, img)
+                sup_a, sup_b = self._sup(la, label), self._sup(lb, label)
+            loss = sup_a + sup_b + self.cps_weight * cps
+        return {"loss": loss, "sup_a": sup_a, "sup_b": sup_b, "cps": cps, "stats": stats}
+
+    # ------------------------------------------------------------------ the step
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for net in self.nets:
+            net.train()
+        self.optim.zero_grad()
+        out = self.losses(batch)
+        loss = out["loss"].float()
+        nonfinite = (~torch.isfinite(loss)).to(torch.float32)
+        if self.scaler is not None:
+            (loss * self.scaler.scale).backward()
+            found = self.scaler.unscale_(self.nets)
+            self.optim.step(found_inf=torch.clamp_max(nonfinite + found, 1.0))
+            self.scaler.update(found)
+        else:
+            loss.backward()
+            self.optim.step(found_inf=nonfinite)
+        out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
+        out["nonfinite"] = nonfinite
+        return out
+
+
+class DeviceLossScaler:
+    """Dynamic fp16 loss scaling whose unscale, inf check and update stay on the device
+    (the ops GradScaler uses), so that a graph can capture them and nothing syncs."""
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16,
+                 growth_interval: int = 2000):
+        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval = growth_interval
+
+    def unscale_(self, nets: list[nn.Module]) -> torch.Tensor:
+        found = torch.zeros((), dtype=torch.float32, device=self.scale.device)
+        grads = [p.grad for net in nets for p in net.parameters() if p.grad is not None]
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.scale.reciprocal())
+        return found
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, 2.0, 0.5,
+                                 self.growth_interval)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.scale.copy_(d["scale"])
+        self.growth_tracker.copy_(d["growth_tracker"])

@@ -1,0 +1,365 @@
+"""The training loop: builds everything a run needs, steps, logs, evaluates, checkpoints.
+
+The loop itself never synchronises with the device except where it says so: at a log
+interval (metrics copied to the host once), at evaluation and at a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt_io
+from .. import presets
+from ..config import Config
+from ..data.datasets import build_splits
+from ..data.loader import build_train_streams, iterate_val
+from ..errors import CheckpointError, ConfigError, CpsFastError
+from ..metrics import format_iou_table, iou_from_confusion, mean_iou, overlap_ratios
+from ..models import build_model
+from ..runlog import MetricsLog, Progress
+from .evaluator import evaluate
+from .optim import PolySGD
+from .step import TrainStep
+
+_ACC = ("loss", "sup_a", "sup_b", "cps")
+
+
+class TrainingError(CpsFastError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT / SIGUSR1 (SLURM's pre-emption warning) ask for a checkpoint at the
+    next step boundary; a second signal exits at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some launchers)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike, resume: Optional[str] = None,
+                 rank: int = 0, world_size: int = 1, quiet: bool = False):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.quiet = quiet
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.path == "fast" and self.device.type != "cuda":
+            self._say(f"--path fast: no CUDA device, running the eager step on {self.device}")
+        seed_everything(cfg.train.seed)
+
+        # ---- data
+        self.splits = build_splits(cfg.data)
+        self.info = self.splits.info
+        if cfg.data.check != "none":
+            from ..data.check import check_dataset
+            problems = check_dataset(self.splits, mode=cfg.data.check)
+            if problems:
+                shown = "; ".join(problems[:5])
+                more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+                raise CpsFastError(f"data check found {len(problems)} problem(s): {shown}{more} "
+                                   f"-- run `python -m cps_fast.data check` for the full list")
+        self.streams = build_train_streams(cfg.data, self.splits, cfg.train.seed,
+                                           cfg.train.method, rank, world_size)
+        self.total_iters = presets.iterations(cfg, len(self.splits.labeled),
+                                              len(self.splits.unlabeled), world_size)
+
+        # ---- models: two networks from different seeds (heads initialised independently)
+        n_nets = 1 if cfg.train.method == "supervised" else 2
+        self.nets = []
+        for i in range(n_nets):
+            torch.manual_seed(cfg.train.seed * 1000 + i)
+            net = build_model(cfg.model, self.info.num_classes).to(self.device)
+            if cfg.model.channels_last:
+                net = net.to(memory_format=torch.channels_last)
+            self.nets.append(net)
+        seed_everything(cfg.train.seed)
+
+        # ---- optimisation
+        global_batch = cfg.data.batch_size * world_size
+        self.base_lr = cfg.optim.lr * (global_batch / cfg.optim.reference_batch
+                                       if cfg.optim.lr_scaling == "linear" else 1.0)
+        self.optim = PolySGD(self.nets, cfg.optim, self.base_lr, self.total_iters, self.device)
+        self.cutmix_gen = None
+        if cfg.train.method == "cps-cutmix":
+            self.cutmix_gen = torch.Generator(device=self.device)
+            self.cutmix_gen.manual_seed(cfg.train.seed * 1000 + 7 + rank)
+        self.step_fn = TrainStep(self.nets, self.optim, cfg, self.info.background_index,
+                                 self.device, self.cutmix_gen)
+        self.images_per_step = cfg.data.batch_size + (
+            0 if cfg.train.method == "supervised"
+            else cfg.data.unlabeled_batch_size * (2 if cfg.train.method == "cps-cutmix" else 1))
+        self.amp_dtype = self.step_fn.amp_dtype if self.step_fn.amp_dtype is torch.bfloat16 else None
+
+        # ---- run directory and state
+        self.step = 0
+        self.best_miou = -1.0
+        self.ckpt = ckpt_io.CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
+        if resume is not None:
+            self._resume(resume)
+        elif self.ckpt.latest() is not None:
+            raise ConfigError(f"--out {self.run_dir}: already holds checkpoints; pass --resume "
+                              f"to continue that run or choose another --out")
+        self.log = None
+        if self.is_main:
+            self._prepare_run_dir()
+            self.log = MetricsLog(self.run_dir)
+        self._reset_acc()
+        self.stop = _StopFlag()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _say(self, msg: str) -> None:
+        if self.is_main and not self.quiet:
+            print(msg, flush=True)
+
+    def _prepare_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            probe = self.run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--out {self.run_dir}: not writable ({e.strerror})") from None
+        resolved = self.cfg.to_dict()
+        resolved["derived"] = {"total_iters": self.total_iters, "base_lr": self.base_lr,
+                               "world_size": self.world_size,
+                               "global_batch": self.cfg.data.batch_size * self.world_size,
+                               "device": str(self.device),
+                               "num_labeled": len(self.splits.labeled),
+                               "num_unlabeled": len(self.splits.unlabeled),
+                               "num_val": len(self.splits.val),
+                               "splits": self.splits.sources}
+        (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+    def _resume(self, resume: str) -> None:
+        path = Path(resume) if resume not in ("", "latest") else self.ckpt.latest()
+        if path is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.ckpt.dir}")
+        state = ckpt_io.load(path)
+        ckpt_io.check_compatible(state["config"], self.cfg.to_dict(), path)
+        if len(state["nets"]) != len(self.nets):
+            raise CheckpointError(f"checkpoint {path}: holds {len(state['nets'])} networks, "
+                                  f"this run has {len(self.nets)}")
+        for net, sd in zip(self.nets, state["nets"]):
+            net.load_state_dict(sd)
+        self.optim.load_state_dict(state["optim"])
+        if self.step_fn.scaler is not None and "scaler" in state:
+            self.step_fn.scaler.load_state_dict(state["scaler"])
+        for name, stream in self.streams.items():
+            if name in state["streams"]:
+                stream.load_state_dict(state["streams"][name])
+        ckpt_io.set_rng_state(state["rng"], self.cutmix_gen)
+        self.step = int(state["step"])
+        self.best_miou = float(state.get("best_miou", -1.0))
+        self._say(f"resumed from {path} at step {self.step}/{self.total_iters}")
+
+    def _state(self) -> dict:
+        state = {"config": self.cfg.to_dict(), "nets": [n.state_dict() for n in self.nets],
+                 "optim": self.optim.state_dict(),
+                 "streams": {k: s.state_dict() for k, s in self.streams.items()},
+                 "rng": ckpt_io.rng_state(self.cutmix_gen), "best_miou": self.best_miou,
+                 "num_classes": self.info.num_classes, "class_names": list(self.info.class_names),
+                 "dataset": self.info.name}
+        if self.step_fn.scaler is not None:
+            state["scaler"] = self.step_fn.scaler.state_dict()
+        return state
+
+    def save(self, is_best: bool = False) -> Optional[Path]:
+        if not self.is_main:
+            return None
+        return self.ckpt.save(self._state(), self.step, is_best=is_best)
+
+    # ------------------------------------------------------------------ metrics
+    def _reset_acc(self) -> None:
+        self.acc = torch.zeros(len(_ACC), dtype=torch.float64, device=self.device)
+        self.acc_stats = torch.zeros(4, dtype=torch.int64, device=self.device)
+        self.acc_nonfinite = torch.zeros((), dtype=torch.float32, device=self.device)
+        if not hasattr(self, "consec_nonfinite"):
+            self.consec_nonfinite = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.acc_steps = 0
+        self.acc_t0 = time.perf_counter()
+
+    def _accumulate(self, out: dict) -> None:
+        finite = 1.0 - out["nonfinite"]
+        vals = torch.stack([out[k].float() for k in _ACC]).to(torch.float64)
+        # Non-finite steps are skipped by the optimiser and left out of the averages.
+        self.acc += torch.where(finite.bool(), vals, torch.zeros_like(vals))
+        self.acc_stats += out["stats"]
+        self.acc_nonfinite += out["nonfinite"]
+        self.consec_nonfinite.mul_(out["nonfinite"]).add_(out["nonfinite"])
+        self.acc_steps += 1
+
+    def _log_train(self, progress: Progress) -> None:
+        # Host sync: one copy of the accumulated device metrics per log interval.
+        acc = self.acc.cpu().numpy()
+        stats = self.acc_stats.cpu().numpy()
+        nonfinite = int(self.acc_nonfinite.item())
+        consec = int(self.consec_nonfinite.item())
+        good = max(self.acc_steps - nonfinite, 1)
+        dt = time.perf_counter() - self.acc_t0
+        rec = {"kind": "train", "step": self.step, "lr": self._lr_at(self.step - 1),
+               **{k: float(acc[i] / good) for i, k in enumerate(_ACC)},
+               "images_per_s": self.acc_steps * self.images_per_step * self.world_size / max(dt, 1e-9),
+               "nonfinite_steps": nonfinite, "time": time.time()}
+        if self.cfg.train.method != "supervised":
+            rec.update(overlap_ratios(stats))
+        if self.log is not None:
+            self.log.write(rec)
+        msg = f"loss {rec['loss']:.4f}"
+        if "overlap_all" in rec and rec["overlap_all"] == rec["overlap_all"]:
+            msg += f" overlap {rec['overlap_all']:.3f}"
+        if nonfinite:
+            msg += f" [{nonfinite} non-finite step(s) skipped, last at or before step {self.step}]"
+        progress.update(self.step, self.images_per_step * self.world_size, msg, force=True)
+        self._reset_acc()
+        if consec >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"training stopped at step {self.step}: {consec} non-finite "
+                                f"losses in a row (train.max_nonfinite="
+                                f"{self.cfg.train.max_nonfinite}); lower optim.lr or check the data")
+
+    def _lr_at(self, step: int) -> float:
+        frac = max(0.0, 1.0 - max(step, 0) / max(self.total_iters, 1))
+        return self.base_lr * frac ** self.cfg.optim.poly_power
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        which = cfg.eval.network
+        names = ["a", "b"][:len(self.nets)]
+        if which in ("a", "b") and which in names:
+            names = [which]
+        nets = {k: self.nets["ab".index(k)] for k in names}
+        val = iterate_val(self.splits.val, self.info, cfg.data, max_images=cfg.data.val_max_images)
+        n_val = len(self.splits.val) if cfg.data.val_max_images is None else min(
+            len(self.splits.val), cfg.data.val_max_images)
+        bar = Progress(n_val, desc="eval", enabled=self.is_main and not self.quiet)
+        cms = evaluate(nets, val, cfg.eval, self.info.num_classes, cfg.data.ignore_index,
+                       self.device, self.amp_dtype, cfg.train.kernels,
+                       ensemble=which == "ensemble", progress=lambda i: bar.update(i))
+        bar.close()
+        rec = {"kind": "eval", "step": self.step, "time": time.time()}
+        for k, cm in cms.items():
+            rec[f"miou_{k}"] = mean_iou(cm)
+            rec[f"iou_{k}"] = [None if v != v else float(v) for v in iou_from_confusion(cm)]
+        rec["miou"] = max(rec[f"miou_{k}"] for k in cms)
+        if self.log is not None:
+            self.log.write(rec)
+        self._say(f"step {self.step}: " + ", ".join(f"mIoU({k}) {100 * rec[f'miou_{k}']:.2f}"
+                                                    for k in cms))
+        rec["confusion"] = {k: cm.cpu() for k, cm in cms.items()}
+        return rec
+
+    # ------------------------------------------------------------------ the loop
+    def _next_batch(self) -> dict:
+        lab = self.streams["labeled"].__next__()
+        batch = {"image": lab["image"], "label": lab["label"]}
+        if "unlabeled" in self.streams:
+            batch["unlabeled"] = self.streams["unlabeled"].__next__()["image"]
+        if "unlabeled2" in self.streams:
+            batch["unlabeled2"] = self.streams["unlabeled2"].__next__()["image"]
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._say(f"{cfg.preset}: {cfg.train.method} on {self.info.name} "
+                  f"({len(self.splits.labeled)} labeled / {len(self.splits.unlabeled)} unlabeled "
+                  f"/ {len(self.splits.val)} val), {cfg.model.backbone}, {self.total_iters} "
+                  f"iterations, device {self.device}, run dir {self.run_dir}")
+        progress = Progress(self.total_iters, start=self.step, desc="train",
+                            enabled=self.is_main and not self.quiet)
+        self.stop.install()
+        last_eval = None
+        try:
+            while self.step < self.total_iters:
+                out = self.step_fn(self._next_batch())
+                self.step += 1
+                self._accumulate(out)
+                progress.update(self.step, self.images_per_step * self.world_size)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_iters:
+                    self._log_train(progress)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_iters:
+                    last_eval = self._eval_and_checkpoint()
+                elif self.step % cfg.train.checkpoint_every == 0:
+                    self.save()
+                if self.stop.signum is not None:
+                    path = self.save()
+                    progress.close()
+                    raise Interrupted(self.stop.signum, self.step, path)
+            progress.close()
+            last_eval = self._eval_and_checkpoint()
+        finally:
+            self.stop.restore()
+            for s in self.streams.values():
+                s.close()
+            if self.log is not None:
+                self.log.close()
+        if self.is_main and not self.quiet:
+            print(format_iou_table(last_eval["confusion"][max(
+                last_eval["confusion"], key=lambda k: last_eval[f"miou_{k}"])],
+                self.info.class_names))
+        return last_eval
+
+    def _eval_and_checkpoint(self) -> dict:
+        rec = self.evaluate()
+        is_best = rec["miou"] > self.best_miou
+        if is_best:
+            self.best_miou = rec["miou"]
+        self.save(is_best=is_best)
+        return rec
+
+
+class Interrupted(CpsFastError):
+    """A signal asked the run to stop; a checkpoint was written first."""
+
+    def __init__(self, signum: int, step: int, path: Optional[Path]):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: checkpoint saved at step {step} to {path}; "
+                         f"continue with --resume")
+

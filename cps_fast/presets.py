@@ -1,0 +1,96 @@
+"""Whole runs as small preset functions.
+
+``synthetic`` (the default) trains in minutes on a laptop CPU. The paper's runs are
+``voc_{r50,r101}_1-{16,8,4,2}`` and ``city_{r50,r101}_1-{16,8,4,2}`` with the settings of
+DESIGN.md section 2; ``get(name, method)`` applies the method's CPS weight (CutMix uses
+1.0 on VOC and 5 on Cityscapes instead of 1.5 and 6).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .config import (Config, DataConfig, EvalConfig, LossConfig, ModelConfig, OptimConfig,
+                     TrainConfig)
+from .errors import ConfigError
+
+# Epochs over the unlabeled set, by partition (the paper's counts).
+VOC_EPOCHS = {"1/16": 32, "1/8": 34, "1/4": 40, "1/2": 60}
+CITY_EPOCHS = {"1/16": 128, "1/8": 137, "1/4": 160, "1/2": 240}
+PARTITIONS = {"1-16": "1/16", "1-8": "1/8", "1-4": "1/4", "1-2": "1/2"}
+
+
+def synthetic(method: str = "cps") -> Config:
+    """CPS on the built-in synthetic dataset, tiny DeepLabv3+, ~minutes on a 2-core CPU."""
+    return Config(
+        preset="synthetic",
+        data=DataConfig(dataset="synthetic", num_classes=6, split="1/8", crop_size=96,
+                        scales=(0.75, 1.0, 1.25, 1.5), batch_size=8, unlabeled_batch_size=8,
+                        num_workers=1),
+        model=ModelConfig(backbone="tiny", aspp_channels=64, decoder_channels=64,
+                          low_level_channels=16),
+        loss=LossConfig(cps_weight=1.0 if method == "cps-cutmix" else 1.5),
+        optim=OptimConfig(lr=0.02),
+        eval=EvalConfig(mode="whole", every=400),
+        train=TrainConfig(method=method, iters=1200, log_every=25, checkpoint_every=400),
+    )
+
+
+def _voc(backbone: str, partition: str, method: str) -> Config:
+    return Config(
+        preset=f"voc_{backbone}_{partition}",
+        data=DataConfig(dataset="voc", num_classes=21, split=PARTITIONS[partition],
+                        crop_size=512, batch_size=8, unlabeled_batch_size=8, num_workers=4),
+        model=ModelConfig(backbone={"r50": "resnet50", "r101": "resnet101"}[backbone]),
+        loss=LossConfig(supervised="ce", cps_weight=1.0 if method == "cps-cutmix" else 1.5),
+        optim=OptimConfig(lr=0.01),
+        eval=EvalConfig(mode="sliding", crop_size=512, every=5000),
+        train=TrainConfig(method=method, epochs=VOC_EPOCHS[PARTITIONS[partition]],
+                          log_every=50, checkpoint_every=2000),
+    )
+
+
+def _city(backbone: str, partition: str, method: str) -> Config:
+    return Config(
+        preset=f"city_{backbone}_{partition}",
+        data=DataConfig(dataset="cityscapes", num_classes=19, split=PARTITIONS[partition],
+                        crop_size=800, batch_size=8, unlabeled_batch_size=8, num_workers=4),
+        model=ModelConfig(backbone={"r50": "resnet50", "r101": "resnet101"}[backbone]),
+        loss=LossConfig(supervised="ohem", ohem_thresh=0.7, ohem_min_kept=50000,
+                        cps_weight=5.0 if method == "cps-cutmix" else 6.0),
+        optim=OptimConfig(lr=0.02),
+        eval=EvalConfig(mode="sliding", crop_size=800, stride_rate=2 / 3, every=5000),
+        train=TrainConfig(method=method, epochs=CITY_EPOCHS[PARTITIONS[partition]],
+                          log_every=50, checkpoint_every=2000),
+    )
+
+
+def _registry() -> dict[str, Callable[[str], Config]]:
+    reg: dict[str, Callable[[str], Config]] = {"synthetic": synthetic}
+    for bb in ("r50", "r101"):
+        for part in PARTITIONS:
+            reg[f"voc_{bb}_{part}"] = lambda m, bb=bb, part=part: _voc(bb, part, m)
+            reg[f"city_{bb}_{part}"] = lambda m, bb=bb, part=part: _city(bb, part, m)
+    return reg
+
+
+PRESETS = _registry()
+
+
+def get(name: str, method: str = "cps") -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r}: unknown preset (known: {', '.join(sorted(PRESETS))})")
+    return PRESETS[name](method)
+
+
+def iterations(cfg: Config, num_labeled: int, num_unlabeled: int, world_size: int = 1) -> int:
+    """Total iterations: ``train.iters`` if set, else epochs over the larger split at the
+    global batch (the official ``max_samples // batch_size`` per epoch)."""
+    if cfg.train.iters > 0:
+        return cfg.train.iters
+    if cfg.train.epochs <= 0:
+        raise ConfigError("train.iters and train.epochs are both 0: set one of them")
+    per_iter = cfg.data.batch_size * world_size
+    per_epoch = max(num_labeled, num_unlabeled) // per_iter
+    return max(1, int(math.ceil(cfg.train.epochs * max(per_epoch, 1))))
