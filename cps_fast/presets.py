@@ -28,8 +28,9 @@ def synthetic(method: str = "cps") -> Config:
         data=DataConfig(dataset="synthetic", num_classes=6, split="1/8", crop_size=96,
                         scales=(0.75, 1.0, 1.25, 1.5), batch_size=8, unlabeled_batch_size=8,
                         num_workers=1),
+        # channels_last: ~20 % faster for the tiny net on the CPU.
         model=ModelConfig(backbone="tiny", aspp_channels=64, decoder_channels=64,
-                          low_level_channels=16),
+                          low_level_channels=16, channels_last=True),
         loss=LossConfig(cps_weight=1.0 if method == "cps-cutmix" else 1.5),
         optim=OptimConfig(lr=0.02),
         eval=EvalConfig(mode="whole", every=400),

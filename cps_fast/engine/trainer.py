@@ -118,6 +118,8 @@ class Trainer:
             if cfg.model.channels_last:
                 net = net.to(memory_format=torch.channels_last)
             self.nets.append(net)
+        if getattr(self.nets[0], "pretrained_report", None) is not None:
+            self._say(f"pretrained backbone: {self.nets[0].pretrained_report}")
         seed_everything(cfg.train.seed)
 
         # ---- optimisation
@@ -205,6 +207,7 @@ class Trainer:
                  "streams": {k: s.state_dict() for k, s in self.streams.items()},
                  "rng": ckpt_io.rng_state(self.cutmix_gen), "best_miou": self.best_miou,
                  "num_classes": self.info.num_classes, "class_names": list(self.info.class_names),
+                 "palette": np.asarray(self.info.palette).tolist(),
                  "dataset": self.info.name}
         if self.step_fn.scaler is not None:
             state["scaler"] = self.step_fn.scaler.state_dict()
