@@ -16,9 +16,11 @@ linear resize vs PIL's bilinear: a level or two of 255 at most) and the JPEG dec
   bytes and per-sample parameters through ``fn.external_source`` and does the rest:
   decode (``device="mixed"``: nvJPEG / hardware decoder; ``"cpu"`` without a GPU), resize
   to the drawn size (image linear, label nearest), the Cityscapes labelId -> trainId table,
-  and ``crop_mirror_normalize`` (crop window at the drawn offsets with bottom/right padding:
-  0 after normalisation for images, 255 for labels; the drawn flip; ImageNet
-  normalisation; CHW or HWC layout; float32 / float16) in one op per tensor;
+  and ``crop_mirror_normalize`` (bottom/right padding to the crop size: 0 after
+  normalisation for images, 255 for labels; the drawn flip; ImageNet normalisation; CHW or
+  HWC layout; float32 / float16) in one op per tensor;
+- only the input region that lands in the crop window is resampled (``window``): the same
+  sample positions as resizing the whole image and cropping, at a fraction of the work;
 - outputs are torch tensors on the pipeline's device; ``next_into`` writes them straight
   into caller-owned buffers (a CUDA graph's static inputs) on the caller's stream;
 - a corrupt or missing file fails as ``DataError`` naming it: the host checks existence,
@@ -76,32 +78,39 @@ def apply_lut(labels, lut: Optional[np.ndarray]):
                            default_value=255, dtype=types.UINT8)
 
 
-def _crop_args(crop: int, pos_y, pos_x, mirror) -> dict:
-    # crop_pos is relative: anchor = round(pos * (in - crop)); the host passes
-    # crop_y / (h - crop), or 0 where the scaled image is smaller than the crop, which puts
-    # the window at the top/left and the padding at the bottom/right, as the PyTorch path.
-    return dict(crop=(crop, crop), crop_pos_y=pos_y, crop_pos_x=pos_x, mirror=mirror,
+def _pad_flip_args(crop: int, mirror) -> dict:
+    # The input is already the visible part of the crop window (see ``window``): anchor it
+    # at the top-left and pad the bottom / right up to ``crop``, as the PyTorch path.
+    return dict(crop=(crop, crop), crop_pos_y=0.0, crop_pos_x=0.0, mirror=mirror,
                 out_of_bounds_policy="pad")
 
 
-def augment_image(images, size, pos_y, pos_x, mirror, crop: int, mean: Sequence[float],
+def _resize_window(data, size, roi_start, roi_end, interp):
+    """Resample only the input region that lands in the crop window: sample positions are
+    those of resizing the whole image to the drawn size and cropping (same scale, same
+    pixel centres), at a fraction of the work (1/10 at scale 1.75 on Cityscapes)."""
+    return fn.resize(data, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                     interp_type=interp, antialias=interp != types.INTERP_NN)
+
+
+def augment_image(images, size, roi_start, roi_end, mirror, crop: int, mean: Sequence[float],
                   std: Sequence[float], dtype=types.FLOAT, layout: str = "CHW"):
-    """Resize (linear, antialiased like PIL's BILINEAR), pad / crop / flip / normalise."""
-    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    """Resize (linear, antialiased like PIL's BILINEAR), pad / flip / normalise."""
+    images = _resize_window(images, size, roi_start, roi_end, types.INTERP_LINEAR)
     # (x - 255 m) / (255 s) == (x / 255 - m) / s; fill_values are OUTPUT values, so the
     # padding is 0 after normalisation (checked in tests/data/test_dali.py).
     return fn.crop_mirror_normalize(
-        images, **_crop_args(crop, pos_y, pos_x, mirror),
+        images, **_pad_flip_args(crop, mirror),
         mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], fill_values=0.0,
         dtype=dtype, output_layout=layout)
 
 
-def augment_label(labels, size, pos_y, pos_x, mirror, crop: int, lut: Optional[np.ndarray],
-                  ignore_index: int = 255, dtype=types.INT64):
-    """Resize (nearest, as PIL's NEAREST), LUT, pad with ``ignore_index`` / crop / flip."""
-    labels = fn.resize(labels, size=size, interp_type=types.INTERP_NN, antialias=False)
+def augment_label(labels, size, roi_start, roi_end, mirror, crop: int,
+                  lut: Optional[np.ndarray], ignore_index: int = 255, dtype=types.INT64):
+    """Resize (nearest, as PIL's NEAREST), LUT, pad with ``ignore_index`` / flip."""
+    labels = _resize_window(labels, size, roi_start, roi_end, types.INTERP_NN)
     labels = apply_lut(labels, lut)
-    labels = fn.crop_mirror_normalize(labels, **_crop_args(crop, pos_y, pos_x, mirror),
+    labels = fn.crop_mirror_normalize(labels, **_pad_flip_args(crop, mirror),
                                       fill_values=float(ignore_index), dtype=types.UINT8,
                                       output_layout="CHW")
     labels = fn.squeeze(labels, axes=[0])  # 1 x c x c -> c x c
@@ -121,20 +130,21 @@ def normalize_val(images, mean: Sequence[float], std: Sequence[float], dtype=typ
 @pipeline_def(enable_checkpointing=False)
 def train_pipeline(with_labels: bool, decoder: str, crop: int, mean, std, lut, ignore_index,
                    image_dtype, label_dtype, layout):
-    """Inputs (``feed_input`` by name): ``images`` / ``labels`` (encoded bytes), ``size``
-    (float32 [h, w] after scaling), ``pos_y`` / ``pos_x`` (float32 relative crop anchors),
-    ``mirror`` (int32)."""
+    """Inputs (``feed_input`` by name): ``images`` / ``labels`` (encoded bytes), and per
+    sample (see ``window``): ``size`` (float32 [h, w] of the visible crop region),
+    ``roi_start`` / ``roi_end`` (float32 [y, x] of that region in input pixels), ``mirror``
+    (int32)."""
     size = fn.external_source(name="size", device="cpu")
-    pos_y = fn.external_source(name="pos_y", device="cpu")
-    pos_x = fn.external_source(name="pos_x", device="cpu")
+    roi_start = fn.external_source(name="roi_start", device="cpu")
+    roi_end = fn.external_source(name="roi_end", device="cpu")
     mirror = fn.external_source(name="mirror", device="cpu")
     images = decode(fn.external_source(name="images", device="cpu"), decoder)
-    out_img = augment_image(images, size, pos_y, pos_x, mirror, crop, mean, std,
+    out_img = augment_image(images, size, roi_start, roi_end, mirror, crop, mean, std,
                             image_dtype, layout)
     if not with_labels:
         return out_img
     labels = decode(fn.external_source(name="labels", device="cpu"), decoder, gray=True)
-    return out_img, augment_label(labels, size, pos_y, pos_x, mirror, crop, lut,
+    return out_img, augment_label(labels, size, roi_start, roi_end, mirror, crop, lut,
                                   ignore_index, label_dtype)
 
 
@@ -169,8 +179,20 @@ def dali_device_id(device=None) -> Optional[int]:
     return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
-def _relative_anchor(offset: int, scaled: int, crop: int) -> float:
-    return offset / (scaled - crop) if scaled > crop else 0.0
+def window(p: AugParams, height: int, width: int, crop: int) -> tuple:
+    """The part of the crop window that lies on the scaled image, for ``_resize_window``:
+    (region size [rh, rw], roi_start [y, x], roi_end [y, x]) with the ROI in input pixels.
+
+    Resizing the whole ``height x width`` image to ``p.size`` and cropping rows
+    ``crop_y .. crop_y + rh`` samples input row ``(crop_y + i + 0.5) * height / sh``; a
+    resize of the ROI ``[crop_y * height / sh, (crop_y + rh) * height / sh)`` to ``rh`` rows
+    samples exactly there (likewise for columns)."""
+    sh, sw = p.size
+    rh, rw = min(sh - p.crop_y, crop), min(sw - p.crop_x, crop)
+    fy, fx = height / sh, width / sw
+    return (np.array([rh, rw], np.float32),
+            np.array([p.crop_y * fy, p.crop_x * fx], np.float32),
+            np.array([(p.crop_y + rh) * fy, (p.crop_x + rw) * fx], np.float32))
 
 
 def _default_threads(cfg: DataConfig) -> int:
@@ -285,14 +307,12 @@ class DaliTrainStream:
         samples = [it[0] for it in items]
         hs: list = [it[1] for it in items]
         params: list = [it[2] for it in items]
-        c = self.cfg.crop_size
+        wins = [window(p, h.height, h.width, self.cfg.crop_size) for p, h in zip(params, hs)]
         inputs = {
             "images": [h.image for h in hs],
-            "size": [np.array(p.size, dtype=np.float32) for p in params],
-            "pos_y": [np.array(_relative_anchor(p.crop_y, p.size[0], c), np.float32)
-                      for p in params],
-            "pos_x": [np.array(_relative_anchor(p.crop_x, p.size[1], c), np.float32)
-                      for p in params],
+            "size": [w[0] for w in wins],
+            "roi_start": [w[1] for w in wins],
+            "roi_end": [w[2] for w in wins],
             "mirror": [np.array(int(p.flip), np.int32) for p in params],
         }
         if self.with_labels:
@@ -378,7 +398,10 @@ class DaliTrainStream:
         if stream is None and self.device_id is not None:
             stream = torch.cuda.current_stream(self.device)
         try:
-            outs = self._pipe.share_outputs()
+            # With a stream, the outputs are ready on it (no host wait); on the CPU backend
+            # this waits for the batch, which DALI normally finished while the step ran.
+            outs = self._pipe.share_outputs(stream) if stream is not None else \
+                self._pipe.share_outputs()
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError / IndexError
             err = self._dali_failed(e)
             self.close()  # the pipeline is invalid now; a retry restarts from the state
@@ -540,8 +563,9 @@ def iterate_val_dali(samples, info: Optional[DatasetInfo] = None,
             feed()
         pipe.schedule_run()  # the first call runs `depth` iterations
         for i in range(len(samples)):
+            stream = torch.cuda.current_stream(dev) if device_id is not None else None
             try:
-                outs = pipe.share_outputs()
+                outs = pipe.share_outputs(stream) if stream is not None else pipe.share_outputs()
             except Exception as e:  # noqa: BLE001
                 found = find_bad_file(list(fed), info.label_lut, info.num_classes,
                                       info.ignore_index)
@@ -549,7 +573,6 @@ def iterate_val_dali(samples, info: Optional[DatasetInfo] = None,
             s = fed.popleft()
             img_t = outs[0].as_tensor()
             img = torch.empty(img_t.shape(), dtype=torch.float32, device=dev)
-            stream = torch.cuda.current_stream(dev) if device_id is not None else None
             feed_ndarray(img_t, img, cuda_stream=stream)
             lab = None
             if with_labels:
