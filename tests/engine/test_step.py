@@ -1,0 +1,84 @@
+"""The step function on its own: both methods learn, statistics, non-finite skipping."""
+
+import pytest
+import torch
+
+from cps_fast import presets
+from cps_fast.engine.optim import PolySGD
+from cps_fast.engine.step import TrainStep
+from cps_fast.models import build_model
+
+C = 6
+
+
+def _setup(method, **sets):
+    cfg = presets.get("synthetic", method).apply_overrides(
+        ["model.aspp_channels=16", "model.decoder_channels=16", "model.low_level_channels=8",
+         "optim.lr=0.05"] + [f"{k}={v}" for k, v in sets.items()])
+    torch.manual_seed(0)
+    nets = [build_model(cfg.model, C) for _ in range(1 if method == "supervised" else 2)]
+    opt = PolySGD(nets, cfg.optim, cfg.optim.lr, 1000, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0) if method == "cps-cutmix" else None
+    return cfg, nets, TrainStep(nets, opt, cfg, 0, torch.device("cpu"), gen)
+
+
+def _batch(n=4, size=32):
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, C, (n, size // 8, size // 8), generator=g)
+    label = label.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    image = torch.randn(3, C, generator=g)[:, label].permute(1, 0, 2, 3).contiguous()
+    image = image + 0.1 * torch.randn(image.shape, generator=g)
+    label[:, :2] = 255  # some ignored pixels
+    return {"image": image, "label": label, "unlabeled": image.flip(-1).clone(),
+            "unlabeled2": image.flip(-2).clone()}
+
+
+@pytest.mark.parametrize("method", ["cps", "cps-cutmix", "supervised"])
+def test_a_few_steps_lower_the_loss(method):
+    torch.set_num_threads(1)
+    _, nets, step = _setup(method)
+    batch = _batch()
+    first = step(batch)
+    for _ in range(12):
+        out = step(batch)
+    assert torch.isfinite(first["loss"]) and torch.isfinite(out["loss"])
+    assert float(out["sup_a"]) < float(first["sup_a"]) * 0.8
+    if method != "supervised":
+        assert float(out["sup_b"]) < float(first["sup_b"]) * 0.8
+        total_lab, total_unl = int(out["stats"][1]), int(out["stats"][3])
+        assert out["stats"].dtype == torch.int64
+        assert 0 <= int(out["stats"][0]) <= total_lab and 0 <= int(out["stats"][2]) <= total_unl
+    else:
+        assert float(out["cps"]) == 0.0
+
+
+def test_cps_loss_matches_hand_assembly():
+    """loss = sup_a + sup_b + lambda * cps with the reference ops, on one forward."""
+    cfg, nets, step = _setup("cps")
+    batch = _batch()
+    out = {k: v.detach() for k, v in step.losses(batch).items()}
+    assert float(out["loss"]) == pytest.approx(
+        float(out["sup_a"] + out["sup_b"] + cfg.loss.cps_weight * out["cps"]), rel=1e-6)
+    # Labeled stats count only the labeled half (4 images of 32x32 at most).
+    assert int(out["stats"][1]) <= 4 * 32 * 32 and int(out["stats"][3]) <= 4 * 32 * 32
+
+
+def test_nonfinite_loss_skips_the_step():
+    _, nets, step = _setup("cps")
+    batch = _batch()
+    step(batch)
+    before = [p.detach().clone() for n in nets for p in n.parameters()]
+    bad = dict(batch, image=batch["image"].clone())
+    bad["image"][0, 0, 0, 0] = float("nan")
+    out = step(bad)
+    assert float(out["nonfinite"]) == 1.0
+    after = [p.detach() for n in nets for p in n.parameters()]
+    assert all(torch.equal(b, a) for b, a in zip(before, after))
+    out = step(batch)
+    assert float(out["nonfinite"]) == 0.0
+
+
+def test_bf16_autocast_step_is_finite():
+    _, _, step = _setup("cps", **{"train.amp": "bf16"})
+    out = step(_batch())
+    assert torch.isfinite(out["loss"]) and float(out["nonfinite"]) == 0.0

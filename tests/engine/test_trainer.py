@@ -1,0 +1,130 @@
+"""The whole loop on a small synthetic set: run directory, resume, evaluation, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cps_fast import checkpoint as ckpt_io
+from cps_fast.engine.trainer import Trainer
+from cps_fast.errors import CheckpointError, ConfigError
+from cps_fast.runlog import read_metrics
+
+
+def _params(trainer):
+    return [p.detach().clone() for n in trainer.nets for p in n.state_dict().values()]
+
+
+@pytest.mark.parametrize("method", ["cps", "cps-cutmix", "supervised"])
+def test_run_writes_the_run_directory(make_config, tmp_path, method):
+    run = tmp_path / "run"
+    rec = Trainer(make_config(method), run, quiet=True).run()
+    assert (run / "config.json").is_file() and (run / "metrics.jsonl").is_file()
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["method"] == method and cfg["derived"]["total_iters"] == 6
+    recs = read_metrics(run)
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert all(r["lr"] > 0 and r["images_per_s"] > 0 for r in train)
+    if method != "supervised":
+        assert all("overlap_all" in r for r in train)
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert evals and 0.0 <= evals[-1]["miou"] <= 1.0 and rec["miou"] == evals[-1]["miou"]
+    assert ("miou_b" in evals[-1]) == (method != "supervised")
+
+
+def test_resume_is_bitwise_identical(make_config, tmp_path):
+    torch.set_num_threads(1)
+    cfg = make_config("cps", **{"data.num_workers": 1})
+    straight = Trainer(cfg, tmp_path / "a", quiet=True)
+    straight.run()
+    part = Trainer(cfg, tmp_path / "b", quiet=True)
+    assert part.run(stop_at=3) is None and part.step == 3
+    resumed = Trainer(cfg, tmp_path / "b", resume="latest", quiet=True)
+    assert resumed.step == 3
+    resumed.run()
+    for x, y in zip(_params(straight), _params(resumed)):
+        assert torch.equal(x, y)
+    # Momentum buffers and schedule too.
+    assert float(straight.optim.lr_t) == float(resumed.optim.lr_t)
+
+
+def test_existing_run_needs_resume(make_config, tmp_path):
+    cfg = make_config("supervised")
+    Trainer(cfg, tmp_path / "r", quiet=True).run(stop_at=3)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        Trainer(cfg, tmp_path / "r", quiet=True)
+
+
+def test_resume_from_another_config_names_the_mismatch(make_config, tmp_path):
+    Trainer(make_config("cps"), tmp_path / "r", quiet=True).run(stop_at=3)
+    other = make_config("cps", **{"model.aspp_channels": 32})
+    with pytest.raises(CheckpointError, match="model.aspp_channels"):
+        Trainer(other, tmp_path / "r", resume="latest", quiet=True)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ckpt_io.load(bad)
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    mgr = ckpt_io.CheckpointManager(tmp_path, keep=2)
+    mgr.save({"x": torch.ones(3)}, step=1)
+
+    def boom(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        mgr.save({"x": torch.zeros(3)}, step=2)
+    monkeypatch.undo()
+    state = ckpt_io.load(tmp_path / "last.pt")
+    assert state["step"] == 1 and torch.equal(state["x"], torch.ones(3))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_keeps_the_last_k(tmp_path):
+    mgr = ckpt_io.CheckpointManager(tmp_path, keep=2)
+    for s in (1, 2, 3, 4):
+        mgr.save({"x": torch.tensor(s)}, step=s)
+    assert [p.name for p in mgr.periodic()] == ["step_0000003.pt", "step_0000004.pt"]
+    assert int(ckpt_io.load(mgr.latest())["x"]) == 4
+
+
+def test_unwritable_run_dir(make_config, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/cps_fast_run"  # root ignores permission bits; /proc refuses mkdir
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "run")
+    with pytest.raises(ConfigError, match="not writable"):
+        Trainer(make_config("supervised"), target, quiet=True)
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "cps_fast.train", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "voc_r50_1-8"], "data.root: not set"),
+    (["--preset", "voc_r50_1-8", "--data-root", "/nonexistent/voc"], "/nonexistent/voc"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--set", "optim.lrr=1"], "unknown key 'lrr'"),
+    (["--set", "data.num_classes=7"], "data.num_classes"),
+])
+def test_cli_errors_are_one_line(args, needle):
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
