@@ -72,8 +72,8 @@ def _common(p: argparse.ArgumentParser, multi_split: bool = False) -> None:
         p.add_argument("--split", help="labeled partition: 1/8 or a count such as 183")
     p.add_argument("--split-seed", type=int, help="seed of generated partitions")
     p.add_argument("--split-dir", help="folder of official split lists")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. data.crop_size=321")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. data.crop_size=321 (repeatable)")
 
 
 # --------------------------------------------------------------------------- commands

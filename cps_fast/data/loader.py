@@ -13,9 +13,11 @@ random is a pure function of its inputs, never of process or worker state:
 - batches run on across epoch boundaries (a labeled set smaller than a batch still works),
   so the state is just ``(epoch, position in this rank's shard)`` of the next sample.
 
-``state_dict`` counts only batches already returned; ``load_state_dict`` discards whatever
-the workers had prefetched and restarts from that state, so a resumed run gets exactly the
-batches an uninterrupted one would.
+The DataLoader's sampler runs on from epoch to epoch, so its persistent workers are never
+stopped and restarted at an epoch boundary (no start-up stall per epoch); the loader is only
+rebuilt by ``load_state_dict`` or after an error. ``state_dict`` counts only batches already
+returned; ``load_state_dict`` discards whatever the workers had prefetched and restarts from
+that state, so a resumed run gets exactly the batches an uninterrupted one would.
 
 Worker errors come back as a value, not an exception, so the trainer sees the original
 one-line ``DataError`` ("<file>: cannot decode image ...") rather than a wrapped traceback.
