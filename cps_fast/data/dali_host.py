@@ -35,13 +35,15 @@ from ..errors import DataError
 from .io import read_image, read_label
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
+# Formats DALI's image decoder reads (PIL names); others (GIF, ...) are decoded on the host.
+_DALI_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "JPEG2000", "PPM")
 # Chunks a grayscale PNG keeps; everything else (PLTE, tRNS, bKGD, sBIT, hIST, gAMA, iCCP,
 # text ...) is dropped when a palette PNG is rewritten.
 _KEEP = (b"IHDR", b"IDAT", b"IEND")
 
 
-def read_bytes(path: str) -> np.ndarray:
-    """The file's bytes as a uint8 array; DataError naming the file when it cannot be read."""
+def read_bytes(path: str) -> bytes:
+    """The file's bytes; DataError naming the file when it cannot be read."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -53,7 +55,7 @@ def read_bytes(path: str) -> np.ndarray:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
     if not data:
         raise DataError(f"{path}: file is empty")
-    return np.frombuffer(data, dtype=np.uint8)
+    return data
 
 
 def _png_ihdr(data: bytes) -> Optional[tuple]:
@@ -68,6 +70,8 @@ def _check_complete(data: bytes, fmt: str, path: str) -> None:
     """Cheap truncation check on the file's tail (DALI's GPU decoders may pad a truncated
     stream silently where PIL and DALI's CPU decoder refuse it)."""
     if fmt == "JPEG":
+        if b"\xff\xd9" in data[-32:]:  # the common case: ends with end-of-image
+            return
         # After the last start-of-scan, entropy-coded data byte-stuffs 0xFF, so an FFD9
         # behind the last FFDA is the end-of-image marker.
         if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
@@ -78,10 +82,9 @@ def _check_complete(data: bytes, fmt: str, path: str) -> None:
             raise DataError(f"{path}: cannot decode image (truncated PNG: no IEND chunk)")
 
 
-def probe(data: np.ndarray, path: str) -> tuple:
+def probe(raw: bytes, path: str) -> tuple:
     """(format, height, width, PIL mode) from the header only; DataError when it is not an
     image PIL recognises or is truncated."""
-    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     try:
         with Image.open(io.BytesIO(raw)) as im:
             fmt, (w, h), mode = im.format, im.size, im.mode
@@ -118,19 +121,18 @@ def encode_gray_png(label: np.ndarray) -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-def label_for_dali(data: np.ndarray, path: str, num_classes: int, ignore_index: int) -> tuple:
-    """-> (grayscale-8 PNG bytes whose values are the raw label values, height, width).
-
-    The dataset's LUT (Cityscapes labelIds) is NOT applied here; the pipeline applies it.
+def label_for_dali(raw: bytes, path: str, num_classes: int, ignore_index: int) -> tuple:
+    """-> (grayscale-8 PNG bytes (uint8 array) whose values are the raw label values,
+    height, width). The dataset's LUT (Cityscapes labelIds) is NOT applied here; the
+    pipeline applies it.
     """
-    raw = data.tobytes()
     ihdr = _png_ihdr(raw)
     if ihdr is not None:
         w, h, depth, ctype, _ = ihdr
         if depth == 8 and ctype in (0, 3):
             _check_complete(raw, "PNG", path)
             if ctype == 0:
-                return data, h, w
+                return np.frombuffer(raw, dtype=np.uint8), h, w
             return np.frombuffer(palette_png_as_gray(raw), dtype=np.uint8), h, w
         if ctype in (2, 6):  # RGB(A) colour masks: the PyTorch path refuses them too
             mode = "RGB" if ctype == 2 else "RGBA"
@@ -154,8 +156,14 @@ class HostSample:
 def prepare_sample(image_path: str, label_path: Optional[str], num_classes: int,
                    ignore_index: int = 255) -> HostSample:
     """Read and check one sample's files (see the module docstring)."""
-    img = read_bytes(image_path)
-    _fmt, h, w, _mode = probe(img, image_path)
+    raw = read_bytes(image_path)
+    fmt, h, w, _mode = probe(raw, image_path)
+    if fmt in _DALI_FORMATS:
+        img = np.frombuffer(raw, dtype=np.uint8)  # no copy
+    else:  # rare: decode here (strictly, as the PyTorch path), hand DALI a fast PNG
+        buf = io.BytesIO()
+        Image.fromarray(read_image(image_path)).save(buf, format="PNG", compress_level=1)
+        img = np.frombuffer(buf.getvalue(), dtype=np.uint8)
     if label_path is None:
         return HostSample(img, None, h, w)
     lab, lh, lw = label_for_dali(read_bytes(label_path), label_path, num_classes, ignore_index)

@@ -307,6 +307,11 @@ def test_statistics_match_the_torch_loader(tmp_path):
     d = _dali().build_dali_streams(cfg, splits, 5, "cps-cutmix", device="cpu")
     t = build_train_streams(cfg, splits, 5, "cps-cutmix")
     assert set(d) == set(t) == {"labeled", "unlabeled", "unlabeled2"}
+    sup = _dali().build_dali_streams(cfg, splits, 5, "supervised", device="cpu")
+    assert set(sup) == {"labeled"}
+    with pytest.raises(DataError):
+        _dali().build_dali_streams(cfg, Splits(samples[:4], [], [], _info()), 5, "cps",
+                                   device="cpu")
     for _ in range(3):
         for k in d:
             x, y = next(d[k]), next(t[k])
@@ -411,7 +416,7 @@ def _corrupt_png(src, dst):
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated_jpeg", "garbage", "corrupt_png",
-                                  "corrupt_label", "size_mismatch", "rgb_label"])
+                                  "corrupt_label", "size_mismatch", "rgb_label", "empty"])
 def test_bad_file_fails_with_its_name(tmp_path, pngset, kind):
     samples = make_set(str(tmp_path), n=6, fmt="jpg")
     victim = samples[int(np.random.default_rng(0).integers(6))]
@@ -423,6 +428,8 @@ def test_bad_file_fails_with_its_name(tmp_path, pngset, kind):
         open(bad, "wb").write(data[: len(data) * 2 // 3])
     elif kind == "garbage":
         open(bad, "wb").write(b"not an image at all" * 10)
+    elif kind == "empty":
+        open(bad, "wb").close()
     elif kind == "corrupt_png":
         bad = victim.image[:-4] + ".png"
         _corrupt_png(pngset[0].image, bad)
@@ -463,6 +470,20 @@ def test_bad_file_after_good_batches_is_raised_at_its_batch(tmp_path):
 
 
 # --------------------------------------------------------------------------- host helpers
+
+
+def test_image_formats_dali_cannot_read_are_decoded_on_the_host(tmp_path):
+    rng = np.random.default_rng(0)
+    img, lab = _scene(rng, 30, 40)
+    Image.fromarray(img).save(tmp_path / "a.gif")  # GIF: palette-quantised, flat colours
+    _save_label(str(tmp_path / "a.png"), lab, "L")
+    smp = [Sample("a", str(tmp_path / "a.gif"), str(tmp_path / "a.png"))]
+    cfg = cfg_for(crop_size=32, batch_size=1)
+    s = stream(smp, cfg, seed=0)
+    b = next(s)
+    ref_img, _ = reference(smp[0], s.last_params[0], cfg, _info())
+    assert float(np.abs(b["image"][0].numpy() - ref_img).mean()) < 0.05
+    s.close()
 
 
 def test_palette_png_rewritten_as_grey_keeps_indices(tmp_path):
