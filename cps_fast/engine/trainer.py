@@ -308,7 +308,9 @@ class Trainer:
             batch["unlabeled2"] = self.streams["unlabeled2"].__next__()["image"]
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def run(self) -> dict:
+    def run(self, stop_at: Optional[int] = None) -> Optional[dict]:
+        """Train to the end (evaluate, checkpoint, return the final evaluation record), or,
+        with ``stop_at``, until that step: checkpoint there and return None (resumable)."""
         cfg = self.cfg
         self._say(f"{cfg.preset}: {cfg.train.method} on {self.info.name} "
                   f"({len(self.splits.labeled)} labeled / {len(self.splits.unlabeled)} unlabeled "
@@ -334,6 +336,10 @@ class Trainer:
                     path = self.save()
                     progress.close()
                     raise Interrupted(self.stop.signum, self.step, path)
+                if stop_at is not None and self.step >= stop_at and self.step < self.total_iters:
+                    self.save()
+                    progress.close()
+                    return None
             progress.close()
             last_eval = self._eval_and_checkpoint()
         finally:
