@@ -127,7 +127,7 @@ def normalize_val(images, mean: Sequence[float], std: Sequence[float], dtype=typ
 # --------------------------------------------------------------------------- pipelines
 
 
-@pipeline_def(enable_checkpointing=False)
+@pipeline_def
 def train_pipeline(with_labels: bool, decoder: str, crop: int, mean, std, lut, ignore_index,
                    image_dtype, label_dtype, layout):
     """Inputs (``feed_input`` by name): ``images`` / ``labels`` (encoded bytes), and per
@@ -148,7 +148,7 @@ def train_pipeline(with_labels: bool, decoder: str, crop: int, mean, std, lut, i
                                   ignore_index, label_dtype)
 
 
-@pipeline_def(enable_checkpointing=False)
+@pipeline_def
 def val_pipeline(with_labels: bool, decoder: str, mean, std, lut, image_dtype, label_dtype):
     """Full-resolution validation: normalised CHW image, label (H, W) after the LUT."""
     images = decode(fn.external_source(name="images", device="cpu"), decoder)
@@ -234,17 +234,13 @@ class DaliTrainStream:
             raise ConfigError(f"data: {name} batch size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
-        if image_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ConfigError(f"data.loader=dali: image dtype {image_dtype} not supported")
-        if label_dtype not in (torch.int64, torch.uint8, torch.int32):
-            raise ConfigError(f"data.loader=dali: label dtype {label_dtype} not supported")
         self.samples, self.info, self.cfg = list(samples), info, cfg
         self.name, self.seed, self.batch_size = name, int(seed), batch_size
         self.with_labels, self.rank, self.world_size = with_labels, rank, world_size
         self.device_id = dali_device_id(device)
         self.device = torch.device("cpu") if self.device_id is None \
             else torch.device("cuda", self.device_id)
-        self.image_dtype, self.label_dtype, self.channels_last = image_dtype, label_dtype, channels_last
+        self.set_output(image_dtype, label_dtype, channels_last)
         self.num_threads = num_threads or _default_threads(cfg)
         self.prefetch = max(1, int(prefetch))
         self.host_threads = host_threads or max(1, min(8, self.num_threads))
@@ -264,6 +260,25 @@ class DaliTrainStream:
         self.last_samples: list = []
         self.last_params: list = []
         self._lock = threading.Lock()
+
+    def set_output(self, image_dtype: Optional[torch.dtype] = None,
+                   label_dtype: Optional[torch.dtype] = None,
+                   channels_last: Optional[bool] = None) -> None:
+        """Choose what the step wants (streams from ``build_train_streams`` start as float32
+        NCHW / int64); takes effect at the next batch, from the current state."""
+        image_dtype = self.__dict__.get("image_dtype", torch.float32) if image_dtype is None \
+            else image_dtype
+        label_dtype = self.__dict__.get("label_dtype", torch.int64) if label_dtype is None \
+            else label_dtype
+        if image_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(f"data.loader=dali: image dtype {image_dtype} not supported")
+        if label_dtype not in (torch.int64, torch.uint8, torch.int32):
+            raise ConfigError(f"data.loader=dali: label dtype {label_dtype} not supported")
+        if getattr(self, "_pipe", None) is not None:
+            self.close()  # rebuilt lazily at the same state
+        self.image_dtype, self.label_dtype = image_dtype, label_dtype
+        if channels_last is not None:
+            self.channels_last = bool(channels_last)
 
     # ---------------------------------------------------------------- host side
     def _perm(self, epoch: int) -> np.ndarray:

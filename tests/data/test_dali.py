@@ -356,6 +356,19 @@ def test_buffers_dtypes_and_channels_last(pngset):
     bf = stream(pngset, cfg, seed=8, image_dtype=torch.bfloat16)
     assert next(bf)["image"].dtype == torch.bfloat16
     bf.close()
+    # switching mid-stream keeps the position
+    sw = stream(pngset, cfg, seed=8)
+    first = next(sw)
+    sw.set_output(torch.float16, torch.uint8, channels_last=True)
+    second = next(sw)
+    ref = stream(pngset, cfg, seed=8)
+    _take(ref, 1)
+    r2 = next(ref)
+    assert second["image"].dtype == torch.float16 and second["label"].dtype == torch.uint8
+    torch.testing.assert_close(second["image"].float(), r2["image"], atol=2e-2, rtol=1e-2)
+    assert torch.equal(first["label"], plain["label"]) and torch.equal(second["label"].long(), r2["label"])
+    sw.close()
+    ref.close()
 
 
 def test_label_lut_cityscapes_labelids(tmp_path):
