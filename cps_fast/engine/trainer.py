@@ -348,11 +348,20 @@ class Trainer:
                 s.close()
             if self.log is not None:
                 self.log.close()
+        if self.is_main:
+            self._write_plots()
         if self.is_main and not self.quiet:
             print(format_iou_table(last_eval["confusion"][max(
                 last_eval["confusion"], key=lambda k: last_eval[f"miou_{k}"])],
                 self.info.class_names))
         return last_eval
+
+    def _write_plots(self) -> None:
+        from ..plot import write_plots
+        try:
+            write_plots(self.run_dir)
+        except CpsFastError as e:  # matplotlib missing: the run itself is fine
+            self._say(f"plots skipped: {e}")
 
     def _eval_and_checkpoint(self) -> dict:
         rec = self.evaluate()
