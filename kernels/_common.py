@@ -113,7 +113,7 @@ def tile_shape(num_classes: int, tensors: int = 1) -> tuple[int, int]:
     C = 19 or 21 -> BLOCK_C = 32, BLOCK_P = 128.
     """
     block_c = next_pow2(num_classes)
-    block_p = max(16, min(512, 4096 // block_c))
+    block_p = max(16, min(512, 4096 // block_c // tensors))
     return block_c, block_p
 
 
@@ -213,6 +213,19 @@ if HAVE_TRITON:
 
 
 FINALIZE_BLOCK = 1024
+
+# (classes, dtype, channels_last) compiled ahead of time for every per-pixel kernel: the
+# VOC (21) and Cityscapes (19) class counts, both layouts, bf16 (AMP) and fp32.
+AOT_VARIANTS = ((21, "bf16", False), (21, "bf16", True), (19, "fp32", False),
+                (19, "fp32", True))
+
+
+def finalize_aot_spec():
+    return dict(name="finalize_mean", fn=finalize_mean_kernel,
+                signature={"sum_part_ptr": "*fp32", "cnt_part_ptr": "*i32", "G": "i32",
+                           "loss_ptr": "*bf16", "inv_count_ptr": "*fp32"},
+                constexprs=dict(BLOCK=FINALIZE_BLOCK),
+                divisible=("sum_part_ptr", "cnt_part_ptr"), num_warps=4)
 
 
 def finalize_mean(sum_part: torch.Tensor, cnt_part: torch.Tensor, loss_dtype: torch.dtype):

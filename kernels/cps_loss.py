@@ -68,7 +68,7 @@ def cps_loss_reference(logits_a: torch.Tensor, logits_b: torch.Tensor,
 # gradients once more (+ 4*C*es per pixel). Counts and partial sums are per program (no
 # atomics at all): one fp32 + three int32 per program, added by a one-program finaliser in
 # a fixed order, which also splits the agreement counts by is_labeled[image].
-from ._common import (HAVE_TRITON, as_u8, check_logits, check_runnable,  # noqa: E402
+from ._common import (AOT_VARIANTS, HAVE_TRITON, as_u8, check_logits, check_runnable,  # noqa: E402
                       define_op, empty_like_prepared, prepare_logits, scale_grad, tile_shape)
 
 if HAVE_TRITON:
@@ -170,7 +170,7 @@ if HAVE_TRITON:
         tl.store(stats_ptr + 3, tl.sum(to_u, axis=0))
 
     CPS_NUM_WARPS = 8   # two [128, 32] fp32 tiles: 16 values per thread per tensor
-    CPS_TILES = 8       # 1024 pixels per program
+    CPS_TILES = 16      # 1024 pixels per program
     FINALIZE_BLOCK = 1024
 
     def _cps_impl(logits_a, logits_b, valid, is_labeled, background_index,
@@ -256,23 +256,22 @@ if HAVE_TRITON:
         return out[0], out[1]
 
     def aot_specs():
-        block_c, block_p = tile_shape(21, tensors=2)
         out = []
-        for dt in ("bf16", "fp32", "fp16"):
-            for cl in (False, True):
-                out.append(dict(
-                    name=f"cps_loss_fwd[C=21,{dt},{'NHWC' if cl else 'NCHW'}]",
-                    fn=cps_loss_fwd_kernel,
-                    signature={"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "valid_ptr": "*u8",
-                               "grad_a_ptr": f"*{dt}", "grad_b_ptr": f"*{dt}",
-                               "sum_part_ptr": "*fp32", "int_part_ptr": "*i32", "HW": "i32",
-                               "G": "i32", "background_index": "i32"},
-                    constexprs=dict(NUM_CLASSES=21, BLOCK_C=block_c, BLOCK_P=block_p,
-                                    TILES=CPS_TILES, A_CHANNELS_LAST=cl, B_CHANNELS_LAST=cl,
-                                    HAS_VALID=True, HAS_BG=True),
-                    divisible=("a_ptr", "b_ptr", "valid_ptr", "grad_a_ptr", "grad_b_ptr",
-                               "sum_part_ptr", "int_part_ptr", "HW", "G"),
-                    num_warps=CPS_NUM_WARPS))
+        for c, dt, cl in AOT_VARIANTS:
+            block_c, block_p = tile_shape(c, tensors=2)
+            out.append(dict(
+                name=f"cps_loss_fwd[C={c},{dt},{'NHWC' if cl else 'NCHW'}]",
+                fn=cps_loss_fwd_kernel,
+                signature={"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "valid_ptr": "*u8",
+                           "grad_a_ptr": f"*{dt}", "grad_b_ptr": f"*{dt}",
+                           "sum_part_ptr": "*fp32", "int_part_ptr": "*i32", "HW": "i32",
+                           "G": "i32", "background_index": "i32"},
+                constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
+                                TILES=CPS_TILES, A_CHANNELS_LAST=cl, B_CHANNELS_LAST=cl,
+                                HAS_VALID=True, HAS_BG=True),
+                divisible=("a_ptr", "b_ptr", "valid_ptr", "grad_a_ptr", "grad_b_ptr",
+                           "sum_part_ptr", "int_part_ptr", "HW", "G"),
+                num_warps=CPS_NUM_WARPS))
         out.append(dict(
             name="cps_loss_finalize", fn=cps_loss_finalize_kernel,
             signature={"sum_part_ptr": "*fp32", "int_part_ptr": "*i32", "G": "i32", "G0": "i32",

@@ -29,9 +29,9 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor,
 #   the backward (scale_grad) reads and writes the gradient once more: + 2*C*es per pixel.
 # The partial sums are one fp32 + one int32 per program (G programs), reduced by
 # finalize_mean in a fixed order (deterministic, no float atomics, no host sync).
-from ._common import (HAVE_TRITON, check_logits, check_runnable, define_op,  # noqa: E402
-                      empty_like_prepared, finalize_mean, prepare_logits, scale_grad,
-                      tile_shape)
+from ._common import (AOT_VARIANTS, HAVE_TRITON, check_logits, check_runnable,  # noqa: E402
+                      define_op, empty_like_prepared, finalize_aot_spec, finalize_mean,
+                      prepare_logits, scale_grad, tile_shape)
 
 if HAVE_TRITON:
     import triton
@@ -132,21 +132,21 @@ if HAVE_TRITON:
         return cross_entropy_op(logits, target, ignore_index)[0]
 
     def aot_specs():
-        """Kernels and real-shape constexprs for the ahead-of-time compile test."""
-        block_c, block_p = tile_shape(21)
+        """Kernels and real-shape constexprs for the ahead-of-time compile test
+        (tests/kernels/aot_compile.py): VOC (C=21) and Cityscapes (C=19), both layouts."""
         out = []
-        for dt in ("bf16", "fp32", "fp16"):
-            for cl in (False, True):
-                for c in (19, 21):
-                    out.append(dict(
-                        name=f"cross_entropy_fwd[C={c},{dt},{'NHWC' if cl else 'NCHW'}]",
-                        fn=cross_entropy_fwd_kernel,
-                        signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8",
-                                   "grad_ptr": f"*{dt}", "sum_part_ptr": "*fp32",
-                                   "cnt_part_ptr": "*i32", "HW": "i32", "ignore_index": "i32"},
-                        constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
-                                        TILES=CE_TILES, CHANNELS_LAST=cl),
-                        divisible=("logits_ptr", "target_ptr", "grad_ptr", "sum_part_ptr",
-                                   "cnt_part_ptr", "HW"),
-                        num_warps=CE_NUM_WARPS))
+        for c, dt, cl in AOT_VARIANTS:
+            block_c, block_p = tile_shape(c)
+            out.append(dict(
+                name=f"cross_entropy_fwd[C={c},{dt},{'NHWC' if cl else 'NCHW'}]",
+                fn=cross_entropy_fwd_kernel,
+                signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8", "grad_ptr": f"*{dt}",
+                           "sum_part_ptr": "*fp32", "cnt_part_ptr": "*i32", "HW": "i32",
+                           "ignore_index": "i32"},
+                constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
+                                TILES=CE_TILES, CHANNELS_LAST=cl),
+                divisible=("logits_ptr", "target_ptr", "grad_ptr", "sum_part_ptr",
+                           "cnt_part_ptr", "HW"),
+                num_warps=CE_NUM_WARPS))
+        out.append(finalize_aot_spec())
         return out

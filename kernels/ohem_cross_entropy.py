@@ -73,8 +73,9 @@ def ohem_cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor,
 # two histogram passes read 4 each; the loss pass reads 8; backward reads C*es + target +
 # 4 (key) and writes C*es. Cityscapes 16x19x800^2 bf16: 10.24 M px * (3*38 + 2 + 28) B
 # = 1.47 GB for forward + backward.
-from ._common import (HAVE_TRITON, check_logits, check_runnable, define_op,  # noqa: E402
-                      empty_like_prepared, finalize_mean, prepare_logits, tile_shape)
+from ._common import (AOT_VARIANTS, HAVE_TRITON, check_logits, check_runnable,  # noqa: E402
+                      define_op, empty_like_prepared, finalize_aot_spec, finalize_mean,
+                      prepare_logits, tile_shape)
 
 RADIX_BITS = 10
 NBINS = 1 << RADIX_BITS        # 1024 real bins per digit
@@ -325,3 +326,51 @@ if HAVE_TRITON:
         threshold, 1/count); only the loss is returned."""
         return ohem_cross_entropy_op(logits, target, float(thresh), int(min_kept),
                                      int(ignore_index))[0]
+
+    def aot_specs():
+        out = []
+        div_hw = ("logits_ptr", "target_ptr", "HW")
+        for c, dt, cl in AOT_VARIANTS:
+            block_c, block_p = tile_shape(c)
+            lay = "NHWC" if cl else "NCHW"
+            common = dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=OHEM_TILES,
+                          CHANNELS_LAST=cl)
+            out.append(dict(
+                name=f"ohem_pass1[C={c},{dt},{lay}]", fn=ohem_pass1_kernel,
+                signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8", "key_ptr": "*i32",
+                           "ce_ptr": "*fp32", "hist_ptr": "*i32", "HW": "i32",
+                           "ignore_index": "i32"},
+                constexprs=dict(common, NBINS=NBINS, HIST_BINS=HIST_BINS),
+                divisible=div_hw + ("key_ptr", "ce_ptr", "hist_ptr"),
+                num_warps=OHEM_NUM_WARPS))
+            out.append(dict(
+                name=f"ohem_bwd[C={c},{dt},{lay}]", fn=ohem_bwd_kernel,
+                signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8", "key_ptr": "*i32",
+                           "threshold_ptr": "*fp32", "grad_out_ptr": f"*{dt}",
+                           "inv_count_ptr": "*fp32", "grad_ptr": f"*{dt}", "HW": "i32"},
+                constexprs=common,
+                divisible=div_hw + ("key_ptr", "grad_ptr"),
+                num_warps=OHEM_NUM_WARPS))
+        for pass_ in (1, 2):
+            out.append(dict(
+                name=f"ohem_hist[PASS={pass_}]", fn=ohem_hist_kernel,
+                signature={"key_ptr": "*i32", "state_ptr": "*i64", "hist_ptr": "*i32",
+                           "numel": "i32"},
+                constexprs=dict(PASS=pass_, BLOCK=HIST_BLOCK, NBINS=NBINS, HIST_BINS=HIST_BINS),
+                divisible=("key_ptr", "state_ptr", "hist_ptr", "numel"), num_warps=4))
+        for pass_ in (0, 1, 2):
+            out.append(dict(
+                name=f"ohem_select[PASS={pass_}]", fn=ohem_select_kernel,
+                signature={"hist_ptr": "*i32", "state_ptr": "*i64", "threshold_ptr": "*fp32",
+                           "min_kept": "i32", "thresh": "fp32"},
+                constexprs=dict(PASS=pass_, NBINS=NBINS),
+                divisible=("hist_ptr", "state_ptr", "threshold_ptr"), num_warps=4))
+        out.append(dict(
+            name="ohem_loss", fn=ohem_loss_kernel,
+            signature={"key_ptr": "*i32", "ce_ptr": "*fp32", "threshold_ptr": "*fp32",
+                       "sum_part_ptr": "*fp32", "cnt_part_ptr": "*i32", "numel": "i32"},
+            constexprs=dict(BLOCK=LOSS_BLOCK),
+            divisible=("key_ptr", "ce_ptr", "threshold_ptr", "sum_part_ptr", "cnt_part_ptr",
+                       "numel"), num_warps=4))
+        out.append(finalize_aot_spec())
+        return out
