@@ -17,6 +17,15 @@ threads each variant gets (DALI ``num_threads`` and host readers; PyTorch DataLo
 workers). The median over ``--reps`` repetitions of ``--iters`` batches is reported, after
 ``--warmup`` batches; the spread is max - min over the repetitions.
 
+On the GPU machine (no DALI there: stage the wheels with ``../shared/device/stage-wheels``
+as ``../shared/GPU.md`` says, then, in the measuring call)::
+
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    python3 -m pytest -q -m gpu tests/data/test_dali.py
+    python3 benchmarks/data_pipeline.py --threads 4,8,16 --out $OUT/data_pipeline.jsonl
+    python3 benchmarks/data_pipeline.py --presets cityscapes-800 --city-format png \
+        --variants dali_gpu,dali_cpu --out $OUT/data_pipeline.jsonl
+
 Appends one JSON record per (preset, variant, threads) to
 ``benchmarks/results/data_pipeline.jsonl`` (DESIGN.md section 9 fields) and prints a
 Markdown table. A CPU figure is a smoke figure only.

@@ -443,9 +443,11 @@ class DaliTrainStream:
         try:
             self._feed_one()
             self._pipe.schedule_run()
-        except DataError:
-            # Only when nothing is in flight (prefetch 1): the bad batch is the next one,
-            # and restarting from the state raises its error on the next call.
+        except Exception:  # noqa: BLE001
+            # A DataError here means nothing is in flight (prefetch 1) and the bad batch is
+            # the next one; a DALI error belongs to a batch not yet due. Either way this
+            # batch is good: restart from the state at the next call, which raises the
+            # error (mapped to the file) when its batch is due.
             self.close()
         return result
 
