@@ -1,0 +1,279 @@
+// Host implementations: plain C++ loops over pixels with the per-pixel arithmetic of
+// pixel_math.h, parallel over fixed chunks of pixels (OpenMP when available). Reductions are
+// deterministic: every chunk accumulates its own partials, and the partials are summed in
+// chunk order afterwards, whatever the number of threads.
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "ops.h"
+
+namespace cps {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // pixels per chunk (fixed: defines the reduction order)
+
+struct Acc {
+  double loss = 0.0;
+  int64_t count = 0;
+  int64_t agree_l = 0, total_l = 0, agree_u = 0, total_u = 0;
+};
+
+template <typename F>
+void for_chunks(const View& v, int nthreads, F&& body) {
+  const int64_t per_img = (v.HW + kChunk - 1) / kChunk;
+  const int64_t n_chunks = v.N * per_img;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1) if (n_chunks > 1)
+#endif
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    const int64_t n = k / per_img;
+    const int64_t p0 = (k % per_img) * kChunk;
+    const int64_t p1 = std::min(p0 + kChunk, v.HW);
+    body(k, n, p0, p1);
+  }
+}
+
+int64_t n_chunks(const View& v) { return v.N * ((v.HW + kChunk - 1) / kChunk); }
+
+template <typename F>
+void dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32: f(static_cast<float*>(nullptr)); break;
+    case kBF16: f(static_cast<bf16*>(nullptr)); break;
+    case kF16: f(static_cast<f16*>(nullptr)); break;
+    default: throw std::invalid_argument("cps_fast._C: unsupported logits dtype code");
+  }
+}
+
+void write_mean(const std::vector<Acc>& parts, ptr_t loss, ptr_t inv_count, Acc* total) {
+  Acc t;
+  for (const Acc& a : parts) {  // fixed order
+    t.loss += a.loss;
+    t.count += a.count;
+    t.agree_l += a.agree_l;
+    t.total_l += a.total_l;
+    t.agree_u += a.agree_u;
+    t.total_u += a.total_u;
+  }
+  const double cnt = double(std::max<int64_t>(t.count, 1));
+  *reinterpret_cast<float*>(loss) = float(t.loss / cnt);
+  *reinterpret_cast<float*>(inv_count) = float(1.0 / cnt);
+  if (total) *total = t;
+}
+
+}  // namespace
+
+void ce_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode,
+             int64_t ignore_index, ptr_t grad, ptr_t loss, ptr_t inv_count, int nthreads) {
+  std::vector<Acc> parts(n_chunks(v));
+  const int C = int(v.C);
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* X = reinterpret_cast<const T*>(logits);
+    T* G = reinterpret_cast<T*>(grad);
+    const void* Y = reinterpret_cast<const void*>(target);
+    for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
+      Acc a;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t off = n * v.sN + p * v.sP;
+        const int64_t t = load_label(Y, tcode, n * v.HW + p);
+        const bool valid = label_valid(t, ignore_index, C);
+        const Row r = row_stats(X + off, v.sC, C);
+        if (valid) {
+          a.loss += ce_of(r, to_float(X[off + t * v.sC]));
+          a.count += 1;
+        }
+        if (G) write_ce_grad(X + off, G + off, v.sC, C, r, int(valid ? t : 0), valid);
+      }
+      parts[k] = a;
+    });
+  });
+  write_mean(parts, loss, inv_count, nullptr);
+}
+
+void cps_host(const View& v, int dtype, ptr_t a_ptr, ptr_t b_ptr, ptr_t valid_ptr,
+              ptr_t labeled_ptr, int64_t background_index, ptr_t grad_a, ptr_t grad_b,
+              ptr_t loss, ptr_t inv_count, ptr_t stats, int nthreads) {
+  std::vector<Acc> parts(n_chunks(v));
+  const int C = int(v.C);
+  const uint8_t* V = reinterpret_cast<const uint8_t*>(valid_ptr);
+  const uint8_t* L = reinterpret_cast<const uint8_t*>(labeled_ptr);
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* A = reinterpret_cast<const T*>(a_ptr);
+    const T* B = reinterpret_cast<const T*>(b_ptr);
+    T* GA = reinterpret_cast<T*>(grad_a);
+    T* GB = reinterpret_cast<T*>(grad_b);
+    for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
+      Acc acc;
+      const bool lab = L ? L[n] != 0 : false;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t off = n * v.sN + p * v.sP;
+        const bool valid = V ? V[n * v.HW + p] != 0 : true;
+        const Row ra = row_stats(A + off, v.sC, C);
+        const Row rb = row_stats(B + off, v.sC, C);
+        if (valid) {
+          acc.loss += double(ce_of(ra, to_float(A[off + rb.am * v.sC]))) +
+                      double(ce_of(rb, to_float(B[off + ra.am * v.sC])));
+          acc.count += 1;
+          const bool counted = background_index < 0 || ra.am != background_index ||
+                               rb.am != background_index;
+          const int64_t agree = (counted && ra.am == rb.am) ? 1 : 0;
+          if (lab) {
+            acc.agree_l += agree;
+            acc.total_l += counted;
+          } else {
+            acc.agree_u += agree;
+            acc.total_u += counted;
+          }
+        }
+        if (GA) write_ce_grad(A + off, GA + off, v.sC, C, ra, rb.am, valid);
+        if (GB) write_ce_grad(B + off, GB + off, v.sC, C, rb, ra.am, valid);
+      }
+      parts[k] = acc;
+    });
+  });
+  Acc t;
+  write_mean(parts, loss, inv_count, &t);
+  int64_t* S = reinterpret_cast<int64_t*>(stats);
+  S[0] = t.agree_l;
+  S[1] = t.total_l;
+  S[2] = t.agree_u;
+  S[3] = t.total_u;
+}
+
+void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, float thresh,
+               int64_t min_kept, int64_t ignore_index, ptr_t grad, ptr_t loss,
+               ptr_t inv_count, int nthreads) {
+  const int C = int(v.C);
+  const int64_t P = v.N * v.HW;
+  std::vector<uint32_t> key(P);
+  std::vector<float> ce(P);
+  std::vector<int64_t> nvalid(n_chunks(v), 0);
+  const void* Y = reinterpret_cast<const void*>(target);
+  // pass 1: p and CE per pixel
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* X = reinterpret_cast<const T*>(logits);
+    for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
+      int64_t cnt = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t off = n * v.sN + p * v.sP;
+        const int64_t i = n * v.HW + p;
+        const int64_t t = load_label(Y, tcode, i);
+        if (!label_valid(t, ignore_index, C)) {
+          key[i] = kInvalidKey;
+          ce[i] = 0.f;
+          continue;
+        }
+        const Row r = row_stats(X + off, v.sC, C);
+        const float xt = to_float(X[off + t * v.sC]);
+        key[i] = prob_key(prob_of(r, xt));
+        ce[i] = ce_of(r, xt);
+        ++cnt;
+      }
+      nvalid[k] = cnt;
+    });
+  });
+  int64_t num_valid = 0;
+  for (int64_t c : nvalid) num_valid += c;
+  // threshold (the official ProbOhemCrossEntropy2d rule)
+  uint32_t thr;
+  if (min_kept <= 0) {
+    thr = prob_key(thresh);
+  } else if (num_valid > min_kept) {
+    std::vector<uint32_t> keys;
+    keys.reserve(num_valid);
+    for (uint32_t kk : key)
+      if (kk != kInvalidKey) keys.push_back(kk);
+    std::nth_element(keys.begin(), keys.begin() + (min_kept - 1), keys.end());
+    const float kth = bits_to_f32(keys[min_kept - 1]);
+    thr = prob_key(kth > thresh ? kth : thresh);
+  } else {
+    thr = kKeepAllKey;
+  }
+  // pass 2: masked mean and gradient
+  std::vector<Acc> parts(n_chunks(v));
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* X = reinterpret_cast<const T*>(logits);
+    T* G = reinterpret_cast<T*>(grad);
+    for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
+      Acc a;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t i = n * v.HW + p;
+        const bool kept = key[i] <= thr;
+        if (kept) {
+          a.loss += ce[i];
+          a.count += 1;
+        }
+        if (G) {
+          const int64_t off = n * v.sN + p * v.sP;
+          const Row r = row_stats(X + off, v.sC, C);
+          const int t = kept ? int(load_label(Y, tcode, i)) : 0;
+          write_ce_grad(X + off, G + off, v.sC, C, r, t, kept);
+        }
+      }
+      parts[k] = a;
+    });
+  });
+  write_mean(parts, loss, inv_count, nullptr);
+}
+
+void confusion_host(const View& v, int dtype, ptr_t x, int pcode, ptr_t target, int tcode,
+                    int64_t num_classes, int64_t ignore_index, ptr_t out, int nthreads) {
+  const int64_t nc = num_classes;
+  const int64_t nch = n_chunks(v);
+  // one histogram per chunk group of a thread would be cheaper; per-chunk keeps it simple and
+  // the sum is exact (integers), so the order does not matter.
+  int nt = nthreads > 0 ? nthreads : 1;
+  std::vector<std::vector<int64_t>> hist(nt, std::vector<int64_t>(nc * nc, 0));
+  const void* Y = reinterpret_cast<const void*>(target);
+  auto run = [&](auto get_pred) {
+    for_chunks(v, nt, [&](int64_t, int64_t n, int64_t p0, int64_t p1) {
+#ifdef _OPENMP
+      std::vector<int64_t>& h = hist[omp_get_thread_num()];
+#else
+      std::vector<int64_t>& h = hist[0];
+#endif
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t i = n * v.HW + p;
+        const int64_t t = load_label(Y, tcode, i);
+        if (t == ignore_index || t < 0 || t >= nc) continue;
+        const int64_t pr = get_pred(n, p, i);
+        if (pr < 0 || pr >= nc) continue;
+        h[t * nc + pr] += 1;
+      }
+    });
+  };
+  if (dtype < 0) {
+    const void* Pp = reinterpret_cast<const void*>(x);
+    run([&](int64_t, int64_t, int64_t i) { return load_label(Pp, pcode, i); });
+  } else {
+    dispatch(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* X = reinterpret_cast<const T*>(x);
+      run([&](int64_t n, int64_t p, int64_t) {
+        float m;
+        int am;
+        row_argmax(X + n * v.sN + p * v.sP, v.sC, int(v.C), m, am);
+        return int64_t(am);
+      });
+    });
+  }
+  (void)nch;
+  int64_t* O = reinterpret_cast<int64_t*>(out);
+  for (int64_t j = 0; j < nc * nc; ++j) {
+    int64_t s = 0;
+    for (int k = 0; k < nt; ++k) s += hist[k][j];
+    O[j] = s;
+  }
+}
+
+}  // namespace cps

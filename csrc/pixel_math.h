@@ -1,0 +1,204 @@
+// Per-pixel arithmetic shared by the CUDA kernels (device_ops.cu) and the host C++ loops
+// (host_ops.cpp): one source, two targets. Everything here is inline and `__host__ __device__`
+// under nvcc, plain `inline` under the host compiler.
+//
+// Conventions (they define the semantics; see kernels/*.py for the eager references):
+// - logits are addressed as x[n*sN + c*sC + p*sP] (p = pixel index within an image, H*W
+//   collapsed), so NCHW-contiguous (sC = HW, sP = 1) and channels_last (sC = 1, sP = C) work;
+// - fp32 / bf16 / fp16 are loaded as raw bits and converted to float; all math is fp32;
+// - argmax ties go to the lowest class index (strict `>`), as torch.argmax;
+// - CE = (max - x_target) + log(sum exp(x - max)), which stays exact for logits of ±1e4.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define CPS_HD __host__ __device__ __forceinline__
+#else
+#define CPS_HD inline
+#endif
+
+namespace cps {
+
+// 16-bit storage types: raw bits, converted on load / store.
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+// dtype codes shared with cps_fast/ext.py
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum IType : int { kI64 = 0, kU8 = 1, kI32 = 2 };
+
+// Sentinel key of an ignored pixel in the OHEM probability array (above every p in [0, 1]).
+constexpr uint32_t kInvalidKey = 0xFFFFFFFFu;
+// Threshold key meaning "keep every valid pixel".
+constexpr uint32_t kKeepAllKey = 0xFFFFFFFEu;
+
+CPS_HD float bits_to_f32(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+CPS_HD uint32_t f32_to_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+CPS_HD float to_float(float x) { return x; }
+CPS_HD float to_float(bf16 x) { return bits_to_f32(uint32_t(x.bits) << 16); }
+CPS_HD float to_float(f16 x) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(x.bits));
+#else
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu;
+  const uint32_t mant = h & 0x3FFu;
+  if (exp == 0) {  // zero / subnormal: mant * 2^-24, exact in fp32
+    const float v = float(mant) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_to_f32(sign | 0x7F800000u | (mant << 13));  // inf / nan
+  return bits_to_f32(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
+}
+
+CPS_HD void store(float* p, float v) { *p = v; }
+CPS_HD void store(bf16* p, float v) {
+#ifdef __CUDA_ARCH__
+  p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#else
+  uint32_t u = f32_to_bits(v);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {  // nan
+    p->bits = uint16_t((u >> 16) | 0x40u);
+    return;
+  }
+  u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
+  p->bits = uint16_t(u >> 16);
+#endif
+}
+CPS_HD void store(f16* p, float v) {
+#ifdef __CUDA_ARCH__
+  p->bits = __half_as_ushort(__float2half_rn(v));
+#else
+  // fp32 -> fp16, round to nearest even (after M. Dukhan's FP16 library).
+  const float scale_to_inf = bits_to_f32(0x77800000u);   // 2^112
+  const float scale_to_zero = bits_to_f32(0x08800000u);  // 2^-110
+  float base = (std::fabs(v) * scale_to_inf) * scale_to_zero;
+  const uint32_t w = f32_to_bits(v);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mant_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mant_bits;
+  p->bits = uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+}
+
+CPS_HD float fexp(float x) { return expf(x); }
+// a / b for b in [1, C] (softmax denominators). On the device __fdividef (2 ulp there) avoids
+// the IEEE division's out-of-line slow path, which costs a call and register spills.
+CPS_HD float fdiv(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+CPS_HD float flog(float x) { return logf(x); }
+
+// Softmax statistics of one pixel's C logits.
+struct Row {
+  float m;    // max logit
+  int am;     // argmax (lowest index on ties)
+  float s;    // sum exp(x - m), >= 1
+  float ls;   // log(s)
+};
+
+template <typename T>
+CPS_HD void row_argmax(const T* x, int64_t sC, int C, float& m, int& am) {
+  m = to_float(x[0]);
+  am = 0;
+  for (int c = 1; c < C; ++c) {
+    const float v = to_float(x[c * sC]);
+    if (v > m) {
+      m = v;
+      am = c;
+    }
+  }
+}
+
+template <typename T>
+CPS_HD Row row_stats(const T* x, int64_t sC, int C) {
+  Row r;
+  row_argmax(x, sC, C, r.m, r.am);
+  float s = 0.f;
+  for (int c = 0; c < C; ++c) s += fexp(to_float(x[c * sC]) - r.m);
+  r.s = s;
+  r.ls = flog(s);
+  return r;
+}
+
+// Cross-entropy of the pixel against class t, given its logit x_t.
+CPS_HD float ce_of(const Row& r, float xt) { return (r.m - xt) + r.ls; }
+// Softmax probability of class t.
+CPS_HD float prob_of(const Row& r, float xt) { return fdiv(fexp(xt - r.m), r.s); }
+
+// OHEM key of a probability: nonnegative floats order like their bit patterns.
+CPS_HD uint32_t prob_key(float p) { return f32_to_bits(p); }
+
+// Unscaled CE gradient of one pixel: (softmax - onehot(t)) if on, else 0 (the caller scales
+// by 1/count in backward, where the upstream gradient is applied anyway).
+template <typename T, typename G>
+CPS_HD void write_ce_grad(const T* x, G* g, int64_t sC, int C, const Row& r, int t, bool on) {
+  if (!on) {
+    for (int c = 0; c < C; ++c) store(g + c * sC, 0.f);
+    return;
+  }
+  const float inv = fdiv(1.f, r.s);
+  for (int c = 0; c < C; ++c) {
+    const float sm = fexp(to_float(x[c * sC]) - r.m) * inv;
+    store(g + c * sC, c == t ? sm - 1.f : sm);
+  }
+}
+
+// Load a label of any supported integer storage type as int64.
+CPS_HD int64_t load_label(const void* base, int code, int64_t i) {
+  switch (code) {
+    case kU8: return int64_t(static_cast<const uint8_t*>(base)[i]);
+    case kI32: return int64_t(static_cast<const int32_t*>(base)[i]);
+    default: return static_cast<const int64_t*>(base)[i];
+  }
+}
+
+// Whether a label counts: not ignore_index and inside [0, C). Out-of-range labels are
+// treated as ignored on this path (the Python layer rejects them on CPU tensors beforehand;
+// a device kernel cannot raise, and must not read out of bounds).
+CPS_HD bool label_valid(int64_t t, int64_t ignore_index, int C) {
+  return t != ignore_index && t >= 0 && t < C;
+}
+
+// Geometry of a logits tensor (N, C, H*W) with element strides.
+struct View {
+  int64_t N, C, HW;
+  int64_t sN, sC, sP;
+};
+
+}  // namespace cps
