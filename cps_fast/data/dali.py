@@ -51,7 +51,26 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .dali_host import HostSample, check_label_batch, find_bad_file, prepare_sample
 from .datasets import DatasetInfo, Splits
-from .loader import _KeySampler, epoch_permutation, sample_rng, shard_positions
+from .loader import epoch_permutation, sample_rng, shard_positions
+
+try:  # the PyTorch loader's batch-key sampler: the same run-on-across-epochs batching
+    from .loader import _KeySampler
+except ImportError:  # renamed upstream: the same few lines (tests compare the two orders)
+    class _KeySampler:  # type: ignore[no-redef]
+        def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
+            self.positions = shard_positions(n, rank, world_size)
+            self.batch_size, self.start = batch_size, (0, 0)
+
+        def __iter__(self):
+            epoch, pos = self.start
+            while True:
+                batch = []
+                while len(batch) < self.batch_size:
+                    batch.append((epoch, int(self.positions[pos])))
+                    pos += 1
+                    if pos == len(self.positions):
+                        epoch, pos = epoch + 1, 0
+                yield batch
 from .transforms import AugParams, draw_params
 
 __all__ = ["DaliTrainStream", "build_dali_streams", "iterate_val_dali", "dali_device_id",
