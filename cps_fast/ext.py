@@ -65,15 +65,24 @@ def _load():
     if getattr(_C, "ABI_VERSION", None) != ABI_VERSION:
         _fail(f"cps_fast._C has ABI {getattr(_C, 'ABI_VERSION', None)}, expected {ABI_VERSION}; "
               f"{REBUILD_HINT}")
-    root = Path(__file__).resolve().parent.parent
-    if ((root / "csrc").is_dir() and (root / "CMakeLists.txt").is_file()
-            and os.environ.get("CPS_FAST_ALLOW_STALE") != "1"):
-        built = str(getattr(_C, "BUILD_STAMP", "")).rpartition("+")[2]
-        now = source_stamp(root)
-        if built != now:
-            _fail(f"cps_fast._C is stale: built from csrc/ {built or '?'}, sources are now {now}; "
-                  f"{REBUILD_HINT}")
+    if os.environ.get("CPS_FAST_ALLOW_STALE") != "1":
+        why = stale_reason(_C, Path(__file__).resolve().parent.parent)
+        if why:
+            _fail(why)
     return _C
+
+
+def stale_reason(C, root: Path) -> Optional[str]:
+    """Why the built module ``C`` does not match the sources under ``root`` (None if it does,
+    or if there are no sources to compare with, e.g. an installed wheel)."""
+    if not ((root / "csrc").is_dir() and (root / "CMakeLists.txt").is_file()):
+        return None
+    built = str(getattr(C, "BUILD_STAMP", "")).rpartition("+")[2]
+    now = source_stamp(root)
+    if built == now:
+        return None
+    return (f"cps_fast._C is stale: built from sources {built or '?'}, csrc/ is now {now}; "
+            f"{REBUILD_HINT}")
 
 
 _C = _load()

@@ -325,10 +325,9 @@ __global__ void __launch_bounds__(kScanThreads) ohem_scan_kernel(OhemWs w, long 
   if (kLevel == 2) {
     __syncthreads();
     if (threadIdx.x == 0) {
+      // min_kept <= 0 switches the mining off (official code): every valid pixel is kept.
       unsigned int thr;
-      if (min_kept <= 0) {
-        thr = prob_key(thresh);
-      } else if (st->need) {
+      if (st->need) {
         const float kth = bits_to_f32(st->prefix);
         thr = prob_key(kth > thresh ? kth : thresh);
       } else {

@@ -184,10 +184,9 @@ void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, 
   int64_t num_valid = 0;
   for (int64_t c : nvalid) num_valid += c;
   // threshold (the official ProbOhemCrossEntropy2d rule)
+  // min_kept <= 0 switches the mining off (official code): every valid pixel is kept.
   uint32_t thr;
-  if (min_kept <= 0) {
-    thr = prob_key(thresh);
-  } else if (num_valid > min_kept) {
+  if (min_kept > 0 && num_valid > min_kept) {
     std::vector<uint32_t> keys;
     keys.reserve(num_valid);
     for (uint32_t kk : key)
