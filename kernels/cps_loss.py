@@ -174,7 +174,9 @@ if HAVE_TRITON:
     FINALIZE_BLOCK = 1024
 
     def _cps_impl(logits_a, logits_b, valid, is_labeled, background_index,
-                  block_p=None, tiles=None):
+                  block_p=None, tiles=None, num_warps=None):
+        """(loss, stats, unnormalised grad_a, grad_b, 1/count); block_p / tiles / num_warps
+        override the launch shape (tests, benchmarks/kernels.py --sweep)."""
         check_runnable("cps_loss", logits_a, logits_b,
                        *[t for t in (valid, is_labeled) if t is not None])
         check_logits("cps_loss", logits_a)
@@ -208,7 +210,7 @@ if HAVE_TRITON:
                 hw, g, background_index if background_index >= 0 else 0,
                 NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
                 A_CHANNELS_LAST=cl_a, B_CHANNELS_LAST=cl_b, HAS_VALID=v is not None,
-                HAS_BG=background_index >= 0, num_warps=CPS_NUM_WARPS)
+                HAS_BG=background_index >= 0, num_warps=num_warps or CPS_NUM_WARPS)
         loss = torch.empty((), dtype=logits_a.dtype, device=dev)
         inv = torch.empty((), dtype=torch.float32, device=dev)
         stats = torch.empty(4, dtype=torch.int64, device=dev)

@@ -85,7 +85,9 @@ if HAVE_TRITON:
         tiles = tiles or max(1, min(CE_TILES, triton.cdiv(hw, block_p)))
         return block_c, block_p, tiles
 
-    def _ce_impl(logits, target, ignore_index, block_p=None, tiles=None):
+    def _ce_impl(logits, target, ignore_index, block_p=None, tiles=None, num_warps=None):
+        """(loss, unnormalised gradient, 1/count). block_p / tiles / num_warps override the
+        launch shape (tests check every block size; benchmarks/kernels.py --sweep)."""
         check_runnable("cross_entropy", logits, target)
         check_logits("cross_entropy", logits)
         x, cl = prepare_logits(logits)
@@ -101,7 +103,7 @@ if HAVE_TRITON:
             cross_entropy_fwd_kernel[(g0, n)](
                 x, t, grad, sum_part, cnt_part, hw, ignore_index,
                 NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
-                CHANNELS_LAST=cl, num_warps=CE_NUM_WARPS)
+                CHANNELS_LAST=cl, num_warps=num_warps or CE_NUM_WARPS)
         loss, inv = finalize_mean(sum_part, cnt_part, logits.dtype)
         return loss, grad, inv
 

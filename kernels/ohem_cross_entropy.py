@@ -221,7 +221,10 @@ if HAVE_TRITON:
     def _tiles(hw, block_p, tiles):
         return tiles or max(1, min(OHEM_TILES, triton.cdiv(hw, block_p)))
 
-    def _ohem_impl(logits, target, thresh, min_kept, ignore_index, block_p=None, tiles=None):
+    def _ohem_impl(logits, target, thresh, min_kept, ignore_index, block_p=None, tiles=None,
+                   num_warps=None):
+        """(loss, key, threshold, 1/count); block_p / tiles / num_warps override the
+        per-pixel launch shape (tests, benchmarks/kernels.py --sweep)."""
         check_runnable("ohem_cross_entropy", logits, target)
         check_logits("ohem_cross_entropy", logits)
         x, cl = prepare_logits(logits)
@@ -242,7 +245,7 @@ if HAVE_TRITON:
             ohem_pass1_kernel[(g0, n)](
                 x, t, key, ce, hist, hw, ignore_index, NUM_CLASSES=c, BLOCK_C=block_c,
                 BLOCK_P=block_p, TILES=tiles, CHANNELS_LAST=cl, NBINS=NBINS,
-                HIST_BINS=HIST_BINS, num_warps=OHEM_NUM_WARPS)
+                HIST_BINS=HIST_BINS, num_warps=num_warps or OHEM_NUM_WARPS)
         if 1 <= min_kept <= numel:
             threshold = torch.empty((), dtype=torch.float32, device=dev)
             gh = triton.cdiv(numel, HIST_BLOCK)
@@ -266,7 +269,7 @@ if HAVE_TRITON:
         return loss, key, threshold, inv
 
     def _ohem_bwd_impl(grad_out, logits, target, key, threshold, inv_count, ignore_index,
-                       block_p=None, tiles=None):
+                       block_p=None, tiles=None, num_warps=None):
         x, cl = prepare_logits(logits)
         n, c, h, w = x.shape
         hw = h * w
@@ -279,7 +282,7 @@ if HAVE_TRITON:
             ohem_bwd_kernel[(g0, n)](
                 x, target.contiguous(), key, threshold, grad_out.contiguous(), inv_count,
                 grad, hw, NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
-                TILES=tiles, CHANNELS_LAST=cl, num_warps=OHEM_NUM_WARPS)
+                TILES=tiles, CHANNELS_LAST=cl, num_warps=num_warps or OHEM_NUM_WARPS)
         return grad
 
     def _ohem_fake(logits, target, thresh, min_kept, ignore_index):
