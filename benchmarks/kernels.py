@@ -1,0 +1,303 @@
+"""Per-kernel benchmark: the Triton loss kernels against their eager references and
+against torch.compile of the references, forward + backward.
+
+    python benchmarks/kernels.py                     # GPU: VOC and Cityscapes shapes
+    python benchmarks/kernels.py --quick             # CPU smoke (Triton interpreter, tiny)
+    python benchmarks/kernels.py --ops cps_loss --layouts nchw,cl --dtype bf16 --rounds 2
+    python benchmarks/kernels.py --sweep             # + launch-shape sweep of the fused kernels
+
+Cases (bf16 logits unless --dtype; each in NCHW and channels_last unless --layouts):
+  cps_loss            voc: a, b = 16x21x512^2 (+ valid mask); cityscapes: 16x19x800^2
+  cross_entropy       voc-sup: 8x21x512^2; cityscapes: 16x19x800^2
+  ohem_cross_entropy  cityscapes-sup: 8x19x800^2 = 5.12 M pixels (the issue's target
+                      shape; thresh 0.7, min_kept 50000); cityscapes: 16x19x800^2
+Variants: eager (the reference in kernels/), triton (cps_fast.ops backend "triton"),
+compile (torch.compile of the reference, default mode), and for OHEM eager_sort (the
+official argsort formulation, with its host syncs: the issue's ">= 5x" baseline).
+
+Byte model (the compulsory traffic of forward + backward, the same numerator for every
+variant, so GB/s compare like for like; P = pixels, es = logits element size, te =
+target element size):
+  cps_loss            P * (4*C*es + 1)    read a, b, valid; write grad_a, grad_b
+  cross_entropy       P * (2*C*es + te)   read logits, target; write grad
+  ohem_cross_entropy  P * (2*C*es + te)   read logits, target; write grad
+The Triton kernels move more than that (CE / CPS: the backward scales the stored gradient,
++ 2*C*es per pixel per tensor; OHEM: the backward re-reads the logits, + C*es + 20 B per
+pixel for keys, ce and the histogram passes): frac_copy_bw says how close the *useful*
+traffic gets to the measured device-to-device copy bandwidth.
+
+Timing: CUDA events around each forward + backward (median of --reps after --warmup, run
+--rounds times: a difference below the spread between two rounds is noise); peak_mem_gb =
+peak allocated during one forward + backward above what the inputs already hold. Records
+(DESIGN.md section 9) are appended to benchmarks/results/kernels-<device>.jsonl, a Markdown
+table goes to stdout. CPU figures (--quick) are smoke figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (interpreter)")
+    ap.add_argument("--ops", default="cps_loss,cross_entropy,ohem_cross_entropy")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of eager,triton,compile,eager_sort (default: all; "
+                         "--quick: eager,triton)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--layouts", default="nchw,cl")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the fused forward kernels over BLOCK_P / TILES / num_warps")
+    ap.add_argument("--out", default=None, help="JSONL file (default benchmarks/results/"
+                                                "kernels-<device>.jsonl)")
+    return ap.parse_args(argv)
+
+
+ARGS = _parse(sys.argv[1:]) if __name__ == "__main__" else None
+if ARGS is not None and ARGS.quick:
+    # Off the GPU the kernels run in Triton's interpreter; it must be on before triton loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as bc  # noqa: E402
+from cps_fast import ops  # noqa: E402
+from cps_fast.kernels.cps_loss import cps_loss_reference  # noqa: E402
+from cps_fast.kernels.cross_entropy import cross_entropy_reference  # noqa: E402
+from cps_fast.kernels.ohem_cross_entropy import ohem_cross_entropy_reference  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FULL_CASES = {
+    "cps_loss": [("voc", (16, 21, 512, 512)), ("cityscapes", (16, 19, 800, 800))],
+    "cross_entropy": [("voc-sup", (8, 21, 512, 512)), ("cityscapes", (16, 19, 800, 800))],
+    "ohem_cross_entropy": [("cityscapes-sup", (8, 19, 800, 800)),
+                           ("cityscapes", (16, 19, 800, 800))],
+}
+QUICK_CASES = {
+    "cps_loss": [("quick", (2, 21, 16, 24))],
+    "cross_entropy": [("quick", (2, 21, 16, 24))],
+    "ohem_cross_entropy": [("quick", (2, 19, 16, 24))],
+}
+THRESH, MIN_KEPT = 0.7, 50000
+
+
+def official_sort_ohem(pred, target, thresh=THRESH, min_kept=MIN_KEPT, ignore_index=255):
+    """The official ProbOhemCrossEntropy2d (TorchSemiSeg): argsort, .item()-style syncs."""
+    b, c, h, w = pred.size()
+    target = target.reshape(-1).long()
+    valid_mask = target.ne(ignore_index)
+    target = target * valid_mask.long()
+    num_valid = valid_mask.sum()
+    prob = F.softmax(pred.float(), dim=1).transpose(0, 1).reshape(c, -1)
+    if min_kept > num_valid:        # host sync (a tensor in a Python condition)
+        pass
+    elif num_valid > 0:
+        prob = prob.masked_fill(~valid_mask, 1)
+        mask_prob = prob[target, torch.arange(len(target), device=pred.device)]
+        threshold = thresh
+        if min_kept > 0:
+            index = mask_prob.argsort()
+            threshold_index = index[min(len(index), min_kept) - 1]
+            if mask_prob[threshold_index] > thresh:     # host sync
+                threshold = mask_prob[threshold_index]
+            kept_mask = mask_prob.le(threshold)
+            target = target * kept_mask.long()
+            valid_mask = valid_mask * kept_mask
+    target = target.masked_fill(~valid_mask, ignore_index).view(b, h, w)
+    return F.cross_entropy(pred.float(), target, ignore_index=ignore_index).to(pred.dtype)
+
+
+def _inputs(op, shape, dtype, layout, device, gen):
+    n, c, h, w = shape
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+
+    def logits():
+        x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(3)
+        return x.to(dtype).contiguous(memory_format=fmt).requires_grad_(True)
+
+    target = torch.randint(0, c, (n, h, w), generator=gen, device=device, dtype=torch.int64)
+    target[torch.rand((n, h, w), generator=gen, device=device) < 0.1] = 255
+    target = target.to(torch.uint8)     # labels as the data layer delivers them
+    if op == "cps_loss":
+        valid = torch.rand((n, h, w), generator=gen, device=device) > 0.05
+        lab = torch.arange(n, device=device) < n // 2
+        return dict(a=logits(), b=logits(), valid=valid, lab=lab)
+    # --quick: a min_kept below the pixel count, so the device selection actually runs
+    return dict(x=logits(), t=target, min_kept=MIN_KEPT if n * h * w > 4 * MIN_KEPT
+                else n * h * w // 4)
+
+
+def _bytes_model(op, shape, dtype):
+    n, c, h, w = shape
+    p = n * h * w
+    es = torch.empty((), dtype=dtype).element_size()
+    if op == "cps_loss":
+        return p * (4 * c * es + 1), "P*(4*C*es+1)"
+    return p * (2 * c * es + 1), "P*(2*C*es+te), te=1 (uint8 labels)"
+
+
+def _make_step(op, variant, inp):
+    """A closure running forward + backward once (grads reset, so nothing accumulates)."""
+    if op == "cps_loss":
+        a, b, valid, lab = inp["a"], inp["b"], inp["valid"], inp["lab"]
+        if variant == "triton":
+            fwd = lambda: ops.cps_loss(a, b, valid, lab, backend="triton")[0]  # noqa: E731
+        else:
+            ref = cps_loss_reference if variant == "eager" else _compiled(cps_loss_reference)
+            fwd = lambda: ref(a, b, valid, lab)[0]  # noqa: E731
+        leaves = (a, b)
+    else:
+        x, t = inp["x"], inp["t"]
+        mk = inp["min_kept"]
+        leaves = (x,)
+        if op == "cross_entropy":
+            if variant == "triton":
+                fwd = lambda: ops.cross_entropy(x, t, backend="triton")  # noqa: E731
+            else:
+                ref = (cross_entropy_reference if variant == "eager"
+                       else _compiled(cross_entropy_reference))
+                fwd = lambda: ref(x, t)  # noqa: E731
+        else:
+            if variant == "triton":
+                fwd = lambda: ops.ohem_cross_entropy(x, t, THRESH, mk,  # noqa: E731
+                                                     backend="triton")
+            elif variant == "eager_sort":
+                fwd = lambda: official_sort_ohem(x, t, THRESH, mk)  # noqa: E731
+            else:
+                ref = (ohem_cross_entropy_reference if variant == "eager"
+                       else _compiled(ohem_cross_entropy_reference))
+                fwd = lambda: ref(x, t, THRESH, mk)  # noqa: E731
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        fwd().backward()
+    return step
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+def _sweep(op, inp, shape, device, env, args, base):
+    """Forward kernel only, over launch shapes (the GPU session picks the defaults from it)."""
+    from cps_fast.kernels import cps_loss as cps_mod
+    from cps_fast.kernels import cross_entropy as ce_mod
+    from cps_fast.kernels import ohem_cross_entropy as ohem_mod
+    recs = []
+    for block_p in (32, 64, 128, 256):
+        for tiles in (1, 4, 8, 16):
+            for warps in (4, 8):
+                if op == "cps_loss":
+                    fn = lambda: cps_mod._cps_impl(inp["a"], inp["b"], inp["valid"],  # noqa: E731
+                                                   inp["lab"], 0, block_p, tiles, warps)
+                elif op == "cross_entropy":
+                    fn = lambda: ce_mod._ce_impl(inp["x"], inp["t"], 255,  # noqa: E731
+                                                 block_p, tiles, warps)
+                else:
+                    fn = lambda: ohem_mod._ohem_impl(inp["x"], inp["t"], THRESH,  # noqa: E731
+                                                     inp["min_kept"], 255, block_p, tiles,
+                                                     warps)
+                try:
+                    with torch.no_grad():
+                        t = bc.time_ms(fn, device, args.warmup, args.reps)
+                except Exception as e:  # e.g. out of resources at a large tile
+                    print(f"[sweep] {op} bp={block_p} tiles={tiles} warps={warps}: {e}",
+                          file=sys.stderr)
+                    continue
+                recs.append(dict(base, variant=f"triton_fwd[bp={block_p},tiles={tiles},"
+                                               f"warps={warps}]",
+                                 median_ms=t["median_ms"], spread_ms=t["spread_ms"]))
+    return recs
+
+
+def main(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if device.type == "cpu" and not args.quick:
+        print("no CUDA device: run with --quick for the CPU smoke", file=sys.stderr)
+        return 2
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 5)
+    args.reps = args.reps if args.reps is not None else (2 if quick else 20)
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 2)
+    variants = (args.variants.split(",") if args.variants
+                else (["eager", "triton"] if quick else ["eager", "compile", "triton",
+                                                         "eager_sort"]))
+    cases = QUICK_CASES if quick else FULL_CASES
+    dtype = DTYPES[args.dtype]
+    env = bc.environment(device)
+    ceil = bc.ceilings(device, quick=quick)
+    out = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                   f"kernels-{bc.device_slug(env['device'])}.jsonl")
+    records = [dict(benchmark="ceiling", variant="copy", preset="-", **env,
+                    gb_per_s=ceil["copy_gb_per_s"]),
+               dict(benchmark="ceiling", variant=f"matmul_{ceil['matmul_dtype']}", preset="-",
+                    **env, tflops=ceil["matmul_tflops"])]
+    gen = torch.Generator(device=device).manual_seed(0)
+    for op in args.ops.split(","):
+        for preset, shape in cases[op]:
+            for layout in args.layouts.split(","):
+                inp = _inputs(op, shape, dtype, layout, device, gen)
+                nbytes, formula = _bytes_model(op, shape, dtype)
+                base = dict(benchmark=op, preset=preset, shape=list(shape), dtype=args.dtype,
+                            layout=layout, **env, bytes_model=nbytes, bytes_formula=formula,
+                            copy_gb_per_s=ceil["copy_gb_per_s"])
+                eager_ms = None
+                for variant in variants:
+                    if variant == "eager_sort" and op != "ohem_cross_entropy":
+                        continue
+                    for rnd in range(args.rounds):
+                        rec = dict(base, variant=variant, round=rnd)
+                        try:
+                            step = _make_step(op, variant, inp)
+                            t = bc.time_ms(step, device, args.warmup, args.reps)
+                            rec.update(median_ms=t["median_ms"], spread_ms=t["spread_ms"],
+                                       peak_mem_gb=bc.peak_extra_gb(step, device))
+                            rec["gb_per_s"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
+                            rec["frac_copy_bw"] = rec["gb_per_s"] / ceil["copy_gb_per_s"]
+                            if variant == "eager" and rnd == 0:
+                                eager_ms = t["median_ms"]
+                            if eager_ms:
+                                rec["speedup_vs_eager"] = eager_ms / t["median_ms"]
+                        except Exception as e:  # torch.compile may not work everywhere
+                            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            print(f"[error] {op} {preset} {layout} {variant}: {rec['error']}",
+                                  file=sys.stderr)
+                        records.append(rec)
+                if args.sweep and not quick:
+                    records += _sweep(op, inp, shape, device, env, args, base)
+                del inp
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    bc.append_jsonl(out, records)
+    print(f"\n## Triton loss kernels, forward + backward ({env['device']}, commit "
+          f"{env['commit']}, torch {env['torch']}, triton {env['triton']})\n")
+    print(f"Ceilings measured in this run: copy {ceil['copy_gb_per_s']:.1f} GB/s, "
+          f"{ceil['matmul_dtype']} matmul {ceil['matmul_tflops']:.2f} TFLOP/s"
+          + ("  (CPU smoke figures only)" if device.type == "cpu" else "") + "\n")
+    print(bc.markdown_table(
+        [r for r in records if r["benchmark"] != "ceiling"],
+        ["benchmark", "preset", "layout", "variant", "round", "median_ms", "spread_ms",
+         "gb_per_s", "frac_copy_bw", "speedup_vs_eager", "peak_mem_gb", "error"]))
+    print(f"\nrecords appended to {os.path.relpath(out, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
