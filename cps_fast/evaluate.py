@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     cms = evaluate(nets, val, cfg.eval, splits.info.num_classes, cfg.data.ignore_index, device,
                    ensemble=args.network == "ensemble", progress=lambda i: bar.update(i))
     bar.close()
+    if args.network == "ensemble":
+        cms = {"ensemble": cms["ensemble"]}
     results = {}
     for name, cm in cms.items():
         print(f"\nnetwork {name} ({n} images, {cfg.eval.mode}"

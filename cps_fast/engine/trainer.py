@@ -225,6 +225,7 @@ class Trainer:
         self.acc_nonfinite = torch.zeros((), dtype=torch.float32, device=self.device)
         if not hasattr(self, "consec_nonfinite"):
             self.consec_nonfinite = torch.zeros((), dtype=torch.float32, device=self.device)
+            self.last_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.acc_steps = 0
         self.acc_t0 = time.perf_counter()
 
@@ -236,6 +237,9 @@ class Trainer:
         self.acc_stats += out["stats"]
         self.acc_nonfinite += out["nonfinite"]
         self.consec_nonfinite.mul_(out["nonfinite"]).add_(out["nonfinite"])
+        # The optimiser's device step counter is this step's number (1-based) by now.
+        self.last_bad_step.copy_(torch.where(out["nonfinite"] > 0, self.optim.step_t,
+                                             self.last_bad_step))
         self.acc_steps += 1
 
     def _log_train(self, progress: Progress) -> None:
@@ -244,12 +248,15 @@ class Trainer:
         stats = self.acc_stats.cpu().numpy()
         nonfinite = int(self.acc_nonfinite.item())
         consec = int(self.consec_nonfinite.item())
+        last_bad = int(self.last_bad_step.item())
         good = max(self.acc_steps - nonfinite, 1)
         dt = time.perf_counter() - self.acc_t0
         rec = {"kind": "train", "step": self.step, "lr": self._lr_at(self.step - 1),
                **{k: float(acc[i] / good) for i, k in enumerate(_ACC)},
                "images_per_s": self.acc_steps * self.images_per_step * self.world_size / max(dt, 1e-9),
                "nonfinite_steps": nonfinite, "time": time.time()}
+        if nonfinite:
+            rec["last_nonfinite_step"] = last_bad
         if self.cfg.train.method != "supervised":
             rec.update(overlap_ratios(stats))
         if self.log is not None:
@@ -258,11 +265,11 @@ class Trainer:
         if "overlap_all" in rec and rec["overlap_all"] == rec["overlap_all"]:
             msg += f" overlap {rec['overlap_all']:.3f}"
         if nonfinite:
-            msg += f" [{nonfinite} non-finite step(s) skipped, last at or before step {self.step}]"
+            msg += f" [{nonfinite} non-finite loss(es) in this interval, steps skipped; last at step {last_bad}]"
         progress.update(self.step, self.images_per_step * self.world_size, msg, force=True)
         self._reset_acc()
         if consec >= self.cfg.train.max_nonfinite:
-            raise TrainingError(f"training stopped at step {self.step}: {consec} non-finite "
+            raise TrainingError(f"training stopped at step {last_bad}: {consec} non-finite "
                                 f"losses in a row (train.max_nonfinite="
                                 f"{self.cfg.train.max_nonfinite}); lower optim.lr or check the data")
 

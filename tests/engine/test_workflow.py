@@ -1,0 +1,101 @@
+"""Reliability and the researcher's workflow: signals, non-finite losses, evaluate, predict."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from cps_fast.engine.trainer import Trainer, TrainingError
+from cps_fast.runlog import read_metrics
+
+TINY = ["--set", "data.crop_size=48", "--set", "data.batch_size=2",
+        "--set", "data.unlabeled_batch_size=2", "--set", "data.num_workers=0",
+        "--set", "model.aspp_channels=16", "--set", "model.decoder_channels=16",
+        "--set", "model.low_level_channels=8", "--set", "data.val_max_images=2",
+        "--set", "train.threads=1", "--set", "eval.every=0", "--set", "train.log_every=1"]
+
+
+def _py(module, *args, **kw):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    r = _py("cps_fast.train", "--data-root", synth_root, "--iters", "4", "--out", str(out),
+            "--quiet", *TINY)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_sigterm_saves_and_resume_finishes(synth_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-root", synth_root, "--iters", "400", "--out", str(out), *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "cps_fast.train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not read_metrics(out):
+        time.sleep(0.5)
+    assert read_metrics(out), "training never logged a step"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "SIGTERM received: checkpoint saved at step" in err
+    stopped = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert 0 < stopped < 400
+    # Resume and finish quickly: --iters may change on resume (only the schedule's length).
+    r = _py("cps_fast.train", "--data-root", synth_root, "--out", str(out), "--resume",
+            "--quiet", *TINY, "--iters", str(stopped + 2))
+    assert r.returncode == 0, r.stderr
+    final = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert final == stopped + 2
+
+
+def test_repeated_nonfinite_losses_stop_the_run(make_config, tmp_path):
+    trainer = Trainer(make_config("cps", **{"train.max_nonfinite": 2}), tmp_path / "r",
+                      quiet=True)
+    real = trainer.step_fn.losses
+
+    def poisoned(batch):
+        out = real(batch)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+    trainer.step_fn.losses = poisoned
+    before = [p.detach().clone() for p in trainer.nets[0].parameters()]
+    with pytest.raises(TrainingError, match="at step 2: 2 non-finite losses in a row"):
+        trainer.run()
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.nets[0].parameters()))
+    rec = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "train"][-1]
+    assert rec["nonfinite_steps"] == 2 and rec["last_nonfinite_step"] == 2
+
+
+def test_evaluate_cli(trained, synth_root):
+    r = _py("cps_fast.evaluate", "--checkpoint", str(trained / "checkpoints" / "best.pt"),
+            "--network", "ensemble", "--mode", "sliding", "--crop", "48", "--flip",
+            "--max-images", "2")
+    assert r.returncode == 0, r.stderr
+    assert "network ensemble" in r.stdout and "**mIoU**" in r.stdout
+    assert r.stdout.count("| background |") == 1
+
+
+def test_predict_cli_writes_palette_masks(trained, synth_root, tmp_path):
+    img_dir = os.path.join(synth_root, "JPEGImages")
+    one = sorted(os.listdir(img_dir))[0]
+    r = _py("cps_fast.predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
+            os.path.join(img_dir, one), "--out", str(tmp_path / "pred"), "--overlay")
+    assert r.returncode == 0, r.stderr
+    mask = Image.open(tmp_path / "pred" / (os.path.splitext(one)[0] + ".png"))
+    src = Image.open(os.path.join(img_dir, one))
+    assert mask.mode == "P" and mask.size == src.size
+    assert (tmp_path / "pred" / (os.path.splitext(one)[0] + "_overlay.jpg")).is_file()
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    r = _py("cps_fast.evaluate", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: checkpoint {tmp_path / 'nope.pt'}: no such file"
