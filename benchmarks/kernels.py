@@ -206,9 +206,10 @@ def _sweep(op, inp, shape, device, env, args, base):
             for warps in (4, 8):
                 if op == "cps_loss":
                     fn = lambda: cps_mod._cps_impl(inp["a"], inp["b"], inp["valid"],  # noqa: E731
-                                                   inp["lab"], 0, block_p, tiles, warps)
+                                                   inp["lab"], 0, True, block_p, tiles,
+                                                   warps)
                 elif op == "cross_entropy":
-                    fn = lambda: ce_mod._ce_impl(inp["x"], inp["t"], 255,  # noqa: E731
+                    fn = lambda: ce_mod._ce_impl(inp["x"], inp["t"], 255, True,  # noqa: E731
                                                  block_p, tiles, warps)
                 else:
                     fn = lambda: ohem_mod._ohem_impl(inp["x"], inp["t"], THRESH,  # noqa: E731

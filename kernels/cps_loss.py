@@ -83,7 +83,8 @@ if HAVE_TRITON:
                             NUM_CLASSES: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr, TILES: tl.constexpr,
                             A_CHANNELS_LAST: tl.constexpr, B_CHANNELS_LAST: tl.constexpr,
-                            HAS_VALID: tl.constexpr, HAS_BG: tl.constexpr):
+                            HAS_VALID: tl.constexpr, HAS_BG: tl.constexpr,
+                            WRITE_GRAD: tl.constexpr = True):
         """Grid (cdiv(HW, BLOCK_P*TILES), N); G = total programs.
 
         int_part rows: [0] valid pixels, [1] agreeing counted pixels, [2] counted pixels
@@ -114,12 +115,15 @@ if HAVE_TRITON:
             ce = (tl.log(sa) + ma - pick(xa, pb, BLOCK_C)) + (tl.log(sb) + mb - pick(xb, pa, BLOCK_C))
             acc += tl.where(v, ce, 0.0)
             cnt += v.to(tl.int32)
-            ga = ea * (1.0 / sa)[:, None] - (c_offs[None, :] == pb[:, None]).to(tl.float32)
-            ga = tl.where(v[:, None], ga, 0.0)
-            tl.store(grad_a_ptr + img + offs_a, ga.to(grad_a_ptr.dtype.element_ty), mask=mask_a)
-            gb = eb * (1.0 / sb)[:, None] - (c_offs[None, :] == pa[:, None]).to(tl.float32)
-            gb = tl.where(v[:, None], gb, 0.0)
-            tl.store(grad_b_ptr + img + offs_b, gb.to(grad_b_ptr.dtype.element_ty), mask=mask_b)
+            if WRITE_GRAD:   # off when no input needs a gradient: half the traffic
+                ga = ea * (1.0 / sa)[:, None] - (c_offs[None, :] == pb[:, None]).to(tl.float32)
+                ga = tl.where(v[:, None], ga, 0.0)
+                tl.store(grad_a_ptr + img + offs_a, ga.to(grad_a_ptr.dtype.element_ty),
+                         mask=mask_a)
+                gb = eb * (1.0 / sb)[:, None] - (c_offs[None, :] == pa[:, None]).to(tl.float32)
+                gb = tl.where(v[:, None], gb, 0.0)
+                tl.store(grad_b_ptr + img + offs_b, gb.to(grad_b_ptr.dtype.element_ty),
+                         mask=mask_b)
             if HAS_BG:
                 counted = v & ((pa != background_index) | (pb != background_index))
             else:
@@ -173,12 +177,11 @@ if HAVE_TRITON:
     CPS_TILES = 16      # 1024 pixels per program
     FINALIZE_BLOCK = 1024
 
-    def _cps_impl(logits_a, logits_b, valid, is_labeled, background_index,
+    def _cps_impl(logits_a, logits_b, valid, is_labeled, background_index, write_grad=True,
                   block_p=None, tiles=None, num_warps=None):
         """(loss, stats, unnormalised grad_a, grad_b, 1/count); block_p / tiles / num_warps
         override the launch shape (tests, benchmarks/kernels.py --sweep)."""
-        check_runnable("cps_loss", logits_a, logits_b,
-                       *[t for t in (valid, is_labeled) if t is not None])
+        check_runnable("cps_loss", logits_a, logits_b, *([valid] if valid is not None else []))
         check_logits("cps_loss", logits_a)
         check_logits("cps_loss", logits_b)
         if logits_a.shape != logits_b.shape or logits_a.dtype != logits_b.dtype:
@@ -194,9 +197,10 @@ if HAVE_TRITON:
         if is_labeled is not None and tuple(is_labeled.shape) != (n,):
             raise ValueError(f"cps_loss: is_labeled shape {tuple(is_labeled.shape)} != {(n,)}")
         v = as_u8(valid) if valid is not None else None
-        lab = as_u8(is_labeled) if is_labeled is not None else None
-        grad_a = empty_like_prepared(logits_a)
-        grad_b = empty_like_prepared(logits_b)
+        # is_labeled may live on the host (a per-batch flag): moved, not rejected
+        lab = as_u8(is_labeled.to(dev, non_blocking=True)) if is_labeled is not None else None
+        grad_a = empty_like_prepared(logits_a) if write_grad else a.new_empty(0)
+        grad_b = empty_like_prepared(logits_b) if write_grad else a.new_empty(0)
         block_c, bp = tile_shape(c, tensors=2)
         block_p = block_p or bp
         tiles = tiles or max(1, min(CPS_TILES, triton.cdiv(hw, block_p)))
@@ -210,7 +214,8 @@ if HAVE_TRITON:
                 hw, g, background_index if background_index >= 0 else 0,
                 NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
                 A_CHANNELS_LAST=cl_a, B_CHANNELS_LAST=cl_b, HAS_VALID=v is not None,
-                HAS_BG=background_index >= 0, num_warps=num_warps or CPS_NUM_WARPS)
+                HAS_BG=background_index >= 0, WRITE_GRAD=write_grad,
+                num_warps=num_warps or CPS_NUM_WARPS)
         loss = torch.empty((), dtype=logits_a.dtype, device=dev)
         inv = torch.empty((), dtype=torch.float32, device=dev)
         stats = torch.empty(4, dtype=torch.int64, device=dev)
@@ -219,9 +224,10 @@ if HAVE_TRITON:
             loss, inv, stats, HAS_LABELED=lab is not None, BLOCK=FINALIZE_BLOCK, num_warps=4)
         return loss, stats, grad_a, grad_b, inv
 
-    def _cps_fake(logits_a, logits_b, valid, is_labeled, background_index):
+    def _cps_fake(logits_a, logits_b, valid, is_labeled, background_index, write_grad):
         return (logits_a.new_empty(()), logits_a.new_empty(4, dtype=torch.int64),
-                empty_like_prepared(logits_a), empty_like_prepared(logits_b),
+                empty_like_prepared(logits_a) if write_grad else logits_a.new_empty(0),
+                empty_like_prepared(logits_b) if write_grad else logits_a.new_empty(0),
                 logits_a.new_empty((), dtype=torch.float32))
 
     def _cps_setup(ctx, inputs, output):
@@ -233,14 +239,14 @@ if HAVE_TRITON:
         grad_a, grad_b, inv = ctx.saved_tensors
         ga = scale_grad(grad_a, g_loss, inv) if ctx.needs_input_grad[0] else None
         gb = scale_grad(grad_b, g_loss, inv) if ctx.needs_input_grad[1] else None
-        return ga, gb, None, None, None
+        return ga, gb, None, None, None, None
 
     cps_loss_op = define_op(
         "cps_fast::cps_loss_triton",
         "(Tensor logits_a, Tensor logits_b, Tensor? valid, Tensor? is_labeled, "
-        "int background_index) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        lambda a, b, valid, is_labeled, background_index: _cps_impl(
-            a, b, valid, is_labeled, background_index),
+        "int background_index, bool write_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        lambda a, b, valid, is_labeled, background_index, write_grad: _cps_impl(
+            a, b, valid, is_labeled, background_index, write_grad),
         _cps_fake, _cps_backward, _cps_setup)
 
     def cps_loss_triton(logits_a: torch.Tensor, logits_b: torch.Tensor,
@@ -254,7 +260,10 @@ if HAVE_TRITON:
         bg = -1 if background_index is None else int(background_index)
         if background_index is not None and bg < 0:
             raise ValueError(f"cps_loss: background_index {background_index} must be >= 0 or None")
-        out = cps_loss_op(logits_a, logits_b, valid, is_labeled, bg)
+        # the gradients are written only when autograd will need them (e.g. not for a
+        # validation-time loss under torch.no_grad)
+        write_grad = torch.is_grad_enabled() and (logits_a.requires_grad or logits_b.requires_grad)
+        out = cps_loss_op(logits_a, logits_b, valid, is_labeled, bg, write_grad)
         return out[0], out[1]
 
     def aot_specs():
@@ -270,7 +279,7 @@ if HAVE_TRITON:
                            "G": "i32", "background_index": "i32"},
                 constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
                                 TILES=CPS_TILES, A_CHANNELS_LAST=cl, B_CHANNELS_LAST=cl,
-                                HAS_VALID=True, HAS_BG=True),
+                                HAS_VALID=True, HAS_BG=True, WRITE_GRAD=True),
                 divisible=("a_ptr", "b_ptr", "valid_ptr", "grad_a_ptr", "grad_b_ptr",
                            "sum_part_ptr", "int_part_ptr", "HW", "G"),
                 num_warps=CPS_NUM_WARPS))

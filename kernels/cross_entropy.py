@@ -44,7 +44,7 @@ if HAVE_TRITON:
                                  HW, ignore_index,
                                  NUM_CLASSES: tl.constexpr, BLOCK_C: tl.constexpr,
                                  BLOCK_P: tl.constexpr, TILES: tl.constexpr,
-                                 CHANNELS_LAST: tl.constexpr):
+                                 CHANNELS_LAST: tl.constexpr, WRITE_GRAD: tl.constexpr = True):
         """Grid (cdiv(HW, BLOCK_P*TILES), N). Per pixel: ce = logsumexp(x) - x[t] and the
         unnormalised gradient (softmax(x) - onehot(t)) * valid; per program: sum(ce * valid)
         and the number of valid pixels. Targets outside [0, C) are treated as ignored (never
@@ -69,9 +69,10 @@ if HAVE_TRITON:
             ce = tl.log(ssum) + m - pick(x, t, BLOCK_C)
             acc += tl.where(valid, ce, 0.0)
             cnt += valid.to(tl.int32)
-            g = e * (1.0 / ssum)[:, None] - (c_offs[None, :] == t[:, None]).to(tl.float32)
-            g = tl.where(valid[:, None], g, 0.0)
-            tl.store(g_img + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            if WRITE_GRAD:   # off when no input needs a gradient: half the traffic
+                g = e * (1.0 / ssum)[:, None] - (c_offs[None, :] == t[:, None]).to(tl.float32)
+                g = tl.where(valid[:, None], g, 0.0)
+                tl.store(g_img + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
         pid = n * tl.num_programs(0) + pid_s
         tl.store(sum_part_ptr + pid, tl.sum(acc, axis=0))
         tl.store(cnt_part_ptr + pid, tl.sum(cnt, axis=0))
@@ -85,7 +86,8 @@ if HAVE_TRITON:
         tiles = tiles or max(1, min(CE_TILES, triton.cdiv(hw, block_p)))
         return block_c, block_p, tiles
 
-    def _ce_impl(logits, target, ignore_index, block_p=None, tiles=None, num_warps=None):
+    def _ce_impl(logits, target, ignore_index, write_grad=True, block_p=None, tiles=None,
+                 num_warps=None):
         """(loss, unnormalised gradient, 1/count). block_p / tiles / num_warps override the
         launch shape (tests check every block size; benchmarks/kernels.py --sweep)."""
         check_runnable("cross_entropy", logits, target)
@@ -94,7 +96,7 @@ if HAVE_TRITON:
         n, c, h, w = x.shape
         hw = h * w
         t = target.contiguous()
-        grad = empty_like_prepared(logits)
+        grad = empty_like_prepared(logits) if write_grad else logits.new_empty(0)
         block_c, block_p, tiles = _launch_shape(hw, c, block_p, tiles)
         g0 = triton.cdiv(hw, block_p * tiles) if hw > 0 else 0
         sum_part = torch.zeros(max(1, g0 * n), dtype=torch.float32, device=x.device)
@@ -103,12 +105,13 @@ if HAVE_TRITON:
             cross_entropy_fwd_kernel[(g0, n)](
                 x, t, grad, sum_part, cnt_part, hw, ignore_index,
                 NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
-                CHANNELS_LAST=cl, num_warps=num_warps or CE_NUM_WARPS)
+                CHANNELS_LAST=cl, WRITE_GRAD=write_grad, num_warps=num_warps or CE_NUM_WARPS)
         loss, inv = finalize_mean(sum_part, cnt_part, logits.dtype)
         return loss, grad, inv
 
-    def _ce_fake(logits, target, ignore_index):
-        return (logits.new_empty(()), empty_like_prepared(logits),
+    def _ce_fake(logits, target, ignore_index, write_grad):
+        return (logits.new_empty(()),
+                empty_like_prepared(logits) if write_grad else logits.new_empty(0),
                 logits.new_empty((), dtype=torch.float32))
 
     def _ce_setup(ctx, inputs, output):
@@ -118,20 +121,24 @@ if HAVE_TRITON:
 
     def _ce_backward(ctx, g_loss, g_grad, g_inv):
         grad, inv = ctx.saved_tensors
-        return scale_grad(grad, g_loss, inv), None, None
+        return scale_grad(grad, g_loss, inv), None, None, None
 
     cross_entropy_op = define_op(
         "cps_fast::cross_entropy_triton",
-        "(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor, Tensor)",
-        lambda logits, target, ignore_index: _ce_impl(logits, target, ignore_index),
+        "(Tensor logits, Tensor target, int ignore_index, bool write_grad) "
+        "-> (Tensor, Tensor, Tensor)",
+        lambda logits, target, ignore_index, write_grad: _ce_impl(logits, target,
+                                                                  ignore_index, write_grad),
         _ce_fake, _ce_backward, _ce_setup)
 
     def cross_entropy_triton(logits: torch.Tensor, target: torch.Tensor,
                              ignore_index: int = 255) -> torch.Tensor:
         """Mean CE over non-ignored pixels (0 when none), differentiable in logits.
 
-        Outputs of the op: (loss, stored gradient, 1/count); only the loss is returned."""
-        return cross_entropy_op(logits, target, ignore_index)[0]
+        Outputs of the op: (loss, stored gradient, 1/count); only the loss is returned. The
+        gradient is written only when autograd will need it (write_grad)."""
+        write_grad = torch.is_grad_enabled() and logits.requires_grad
+        return cross_entropy_op(logits, target, ignore_index, write_grad)[0]
 
     def aot_specs():
         """Kernels and real-shape constexprs for the ahead-of-time compile test
@@ -146,7 +153,7 @@ if HAVE_TRITON:
                            "sum_part_ptr": "*fp32", "cnt_part_ptr": "*i32", "HW": "i32",
                            "ignore_index": "i32"},
                 constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
-                                TILES=CE_TILES, CHANNELS_LAST=cl),
+                                TILES=CE_TILES, CHANNELS_LAST=cl, WRITE_GRAD=True),
                 divisible=("logits_ptr", "target_ptr", "grad_ptr", "sum_part_ptr",
                            "cnt_part_ptr", "HW"),
                 num_warps=CE_NUM_WARPS))

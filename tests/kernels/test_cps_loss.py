@@ -97,7 +97,7 @@ def test_every_block_size(block_p, tiles):
     b, _ = logits(gen, 3, 19, 9, 11, torch.float32, channels_last=True)
     valid = torch.rand(3, 9, 11, generator=gen) > 0.2
     lab = torch.tensor([False, True, True])
-    loss, stats, ga, gb, inv = mod._cps_impl(a, b, valid, lab, 0, block_p=block_p, tiles=tiles)
+    loss, stats, ga, gb, inv = mod._cps_impl(a, b, valid, lab, 0, True, block_p=block_p, tiles=tiles)
     rl, rs, rga, rgb = _ref(a, b, valid, lab)
     assert abs(loss.item() - rl.item()) < 1e-5, seed
     assert stats.tolist() == rs.tolist(), seed
@@ -132,8 +132,8 @@ def test_deterministic_and_shape_checks():
     gen, _ = fresh_generator()
     a, _ = logits(gen, 2, 21, 9, 11, torch.float32)
     b, _ = logits(gen, 2, 21, 9, 11, torch.float32)
-    r1 = torch.ops.cps_fast.cps_loss_triton(a, b, None, None, 0)
-    r2 = torch.ops.cps_fast.cps_loss_triton(a, b, None, None, 0)
+    r1 = torch.ops.cps_fast.cps_loss_triton(a, b, None, None, 0, True)
+    r2 = torch.ops.cps_fast.cps_loss_triton(a, b, None, None, 0, True)
     assert all(torch.equal(x, y) for x, y in zip(r1, r2))
     with pytest.raises(ValueError, match="valid shape"):
         ops.cps_loss(a, b, torch.ones(2, 9, 10, dtype=torch.bool), backend="triton")
@@ -141,6 +141,24 @@ def test_deterministic_and_shape_checks():
         ops.cps_loss(a, b.half(), backend="triton")
     with pytest.raises(ValueError, match="float64"):
         ops.cps_loss(a.double(), b.double(), backend="triton")
+
+
+def test_no_grad_skips_the_gradient_and_fp16():
+    gen, seed = fresh_generator()
+    a, _ = logits(gen, 2, 21, 7, 13, torch.float16)
+    b, _ = logits(gen, 2, 21, 7, 13, torch.float16, channels_last=True)
+    lab = torch.tensor([True, False])
+    with torch.no_grad():
+        loss, stats = ops.cps_loss(a, b, None, lab, backend="triton")
+    rl, rs, rga, rgb = _ref(a, b, None, lab)
+    assert_loss_close(loss, rl, torch.float16, "no-grad loss", seed)
+    assert stats.tolist() == rs.tolist(), seed
+    out = torch.ops.cps_fast.cps_loss_triton(a, b, None, lab, 0, False)
+    assert out[2].numel() == 0 and out[3].numel() == 0          # nothing written
+    l16, s16, ga, gb = _run(a, b, None, lab)                     # fp16 with gradients
+    _, _, ega, egb = _ref(a, b, None, lab, to64=False)
+    assert_grad_close(ga, rga, ega, torch.float16, "fp16 grad_a", seed)
+    assert_grad_close(gb, rgb, egb, torch.float16, "fp16 grad_b", seed)
 
 
 def test_opcheck():
@@ -151,7 +169,7 @@ def test_opcheck():
     b.requires_grad_(True)
     valid = torch.rand(2, 3, 5, generator=gen) > 0.3
     torch.library.opcheck(torch.ops.cps_fast.cps_loss_triton.default,
-                          (a, b, valid, torch.tensor([True, False]), 0))
+                          (a, b, valid, torch.tensor([True, False]), 0, True))
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes

@@ -57,7 +57,7 @@ def test_every_block_size(block_p, tiles):
     gen, seed = fresh_generator()
     x, x64 = logits(gen, 3, 21, 9, 11, torch.float32)
     t = labels(gen, 3, 21, 9, 11, dtype=torch.uint8)
-    loss, grad, inv = mod._ce_impl(x, t, 255, block_p=block_p, tiles=tiles)
+    loss, grad, inv = mod._ce_impl(x, t, 255, True, block_p=block_p, tiles=tiles)
     ref_loss, ref_grad = _ref(x64, t.long())
     assert abs(loss.item() - ref_loss.item()) < 1e-5, seed
     assert (grad.double() * inv.item() - ref_grad).abs().max() < 1e-7, seed
@@ -105,7 +105,7 @@ def test_out_of_range_targets_are_ignored_in_the_kernel():
     bad = torch.rand(2, 7, 13, generator=gen) < 0.3
     t_bad = t.clone()
     t_bad[bad] = torch.tensor([21, 31, 32, 300, -1, -7])[torch.arange(int(bad.sum())) % 6]
-    loss, grad, inv = torch.ops.cps_fast.cross_entropy_triton(x, t_bad, 255)
+    loss, grad, inv = torch.ops.cps_fast.cross_entropy_triton(x, t_bad, 255, True)
     t_ref = torch.where(bad, torch.full_like(t, 255), t)
     ref_loss, ref_grad = _ref(x64, t_ref)
     assert abs(loss.item() - ref_loss.item()) < 1e-5, seed
@@ -144,9 +144,23 @@ def test_deterministic():
     gen, _ = fresh_generator()
     x, _ = logits(gen, 2, 21, 9, 11, torch.float32)
     t = labels(gen, 2, 21, 9, 11)
-    a = torch.ops.cps_fast.cross_entropy_triton(x, t, 255)
-    b = torch.ops.cps_fast.cross_entropy_triton(x, t, 255)
+    a = torch.ops.cps_fast.cross_entropy_triton(x, t, 255, True)
+    b = torch.ops.cps_fast.cross_entropy_triton(x, t, 255, True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_no_grad_skips_the_gradient_and_fp16():
+    gen, seed = fresh_generator()
+    x, x64 = logits(gen, 2, 19, 7, 13, torch.float16, channels_last=True)
+    t = labels(gen, 2, 19, 7, 13)
+    with torch.no_grad():
+        loss = ops.cross_entropy(x, t, backend="triton")
+    ref_loss, ref_grad = _ref(x64, t, grad_out=1.0)
+    assert_loss_close(loss, ref_loss, torch.float16, "no-grad loss", seed)
+    assert torch.ops.cps_fast.cross_entropy_triton(x, t, 255, False)[1].numel() == 0
+    xt = x.clone().requires_grad_(True)
+    ops.cross_entropy(xt, t, backend="triton").backward()
+    assert_grad_close(xt.grad, ref_grad, _eager_grad(x, t, 1.0), torch.float16, "fp16 grad", seed)
 
 
 def test_opcheck():
@@ -154,7 +168,7 @@ def test_opcheck():
     x, _ = logits(gen, 1, 3, 3, 5, torch.float32)
     x.requires_grad_(True)
     t = labels(gen, 1, 3, 3, 5)
-    torch.library.opcheck(torch.ops.cps_fast.cross_entropy_triton.default, (x, t, 255))
+    torch.library.opcheck(torch.ops.cps_fast.cross_entropy_triton.default, (x, t, 255, True))
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes

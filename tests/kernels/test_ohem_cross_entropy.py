@@ -208,6 +208,19 @@ def test_out_of_range_targets_are_ignored_in_the_kernel():
     assert (xt.grad.double() - ref_grad).abs().max() < 1e-7, seed
 
 
+def test_fp16():
+    gen, seed = fresh_generator()
+    x, x64 = logits(gen, 2, 19, 7, 13, torch.float16)
+    t = labels(gen, 2, 19, 7, 13)
+    xt = x.clone().requires_grad_(True)
+    loss = ops.ohem_cross_entropy(xt, t, 0.05, 60, backend="triton")
+    loss.backward()
+    ref_loss, ref_grad = _ref(x64, t, 0.05, 60)
+    _, eager_grad = _ref(x, t, 0.05, 60)
+    assert_loss_close(loss, ref_loss, torch.float16, "loss", seed)
+    assert_grad_close(xt.grad, ref_grad, eager_grad, torch.float16, "grad", seed)
+
+
 def test_opcheck():
     gen, _ = fresh_generator()
     x, _ = logits(gen, 1, 3, 3, 5, torch.float32)
