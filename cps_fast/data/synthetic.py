@@ -35,7 +35,10 @@ from PIL import Image
 from ..errors import DataError
 from .datasets import DatasetInfo, voc_palette
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 1   # the dataset's name (synthetic-v1)
+# Bumped whenever the generator's output changes: a set from an older generator is then
+# regenerated in place instead of silently mixing with, or standing in for, the new one.
+GENERATOR_REVISION = 2
 SYNTHETIC_CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "blob")
 SYNTHETIC_NUM_CLASSES = len(SYNTHETIC_CLASS_NAMES)
 MARKER = "COMPLETE.json"
@@ -67,20 +70,20 @@ def _texture(kind: str, x, y, rng) -> np.ndarray:
     """Mixing weight in [0, 1] for texture ``kind`` at pixel coordinates (x, y)."""
     u, v = _rotated(x, y, rng.uniform(0, np.pi))
     if kind == "dots":
-        p = rng.uniform(6, 10)
+        p = rng.uniform(8, 12)
         du, dv = np.mod(u, p) - p / 2, np.mod(v, p) - p / 2
         return (du * du + dv * dv < (0.3 * p) ** 2).astype(np.float32)
     if kind == "checker":
-        p = rng.uniform(5, 10)
+        p = rng.uniform(5, 9)
         return (np.mod(np.floor(u / p) + np.floor(v / p), 2)).astype(np.float32)
     if kind == "stripes":
-        p = rng.uniform(5, 10)
+        p = rng.uniform(7, 11)
         return (np.mod(u, p) < p / 2).astype(np.float32)
     if kind == "hatch":
-        p = rng.uniform(7, 11)
-        return ((np.mod(u, p) < 2.2) | (np.mod(v, p) < 2.2)).astype(np.float32)
+        p = rng.uniform(8, 12)
+        return ((np.mod(u, p) < 0.3 * p) | (np.mod(v, p) < 0.3 * p)).astype(np.float32)
     if kind == "wavy":
-        p, q = rng.uniform(6, 10), rng.uniform(10, 18)
+        p, q = rng.uniform(7, 11), rng.uniform(12, 20)
         return (np.sin(2 * np.pi * u / p + 2.0 * np.sin(2 * np.pi * v / q)) > 0).astype(np.float32)
     raise ValueError(kind)
 
@@ -131,7 +134,7 @@ _TEXTURES = [t for _, t in _CLASSES.values()]
 def _paint(img, lab, rng, shape, r, cls, texture: Optional[str]):
     """Paint one object (texture=None: background-like noise) into img/lab in place."""
     h, w = lab.shape
-    cy, cx = rng.uniform(-0.1 * h, 1.1 * h), rng.uniform(-0.1 * w, 1.1 * w)
+    cy, cx = rng.uniform(0.05 * h, 0.95 * h), rng.uniform(0.05 * w, 0.95 * w)
     y0, y1 = max(0, int(cy - r) - 1), min(h, int(cy + r) + 2)
     x0, x1 = max(0, int(cx - r) - 1), min(w, int(cx + r) + 2)
     if y1 <= y0 or x1 <= x0:
@@ -144,7 +147,7 @@ def _paint(img, lab, rng, shape, r, cls, texture: Optional[str]):
         fill = _smooth_noise(y1 - y0, x1 - x0, rng, cells=int(rng.integers(2, 5)))
     else:
         c1, c2 = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
-        if np.abs(c1 - c2).sum() < 120:  # keep the texture visible
+        if np.abs(c1 - c2).sum() < 200:  # keep the texture visible
             c2 = 255.0 - c1
         t = _texture(texture, xx, yy, rng)[..., None]
         fill = c1 * (1 - t) + c2 * t
@@ -164,11 +167,11 @@ def render_scene(rng: np.random.Generator) -> tuple:
         d = np.abs(xx * np.cos(a) + yy * np.sin(a) - off)
         img[d < rng.uniform(0.7, 2.5)] = rng.uniform(0, 255, size=3)
     # Objects and distractors, painted in random order so that they occlude each other.
-    items = [("obj", int(c)) for c in rng.integers(1, SYNTHETIC_NUM_CLASSES, size=int(rng.integers(1, 5)))]
+    items = [("obj", int(c)) for c in rng.integers(1, SYNTHETIC_NUM_CLASSES, size=int(rng.integers(2, 6)))]
     items += [("distractor", 0)] * int(rng.integers(0, 3))
     for j in rng.permutation(len(items)):
         kind, cls = items[j]
-        r = rng.uniform(9, 0.36 * min(h, w))
+        r = rng.uniform(12, 0.4 * min(h, w))
         if kind == "obj":
             shape, tex = _CLASSES[cls]
             _paint(img, lab, rng, shape, r, cls, tex)
@@ -183,7 +186,7 @@ def render_scene(rng: np.random.Generator) -> tuple:
     lab[edge] = 255
     # Global colour jitter (contrast, brightness, per-channel gain) and pixel noise.
     img = img * rng.uniform(0.7, 1.2) + rng.uniform(-25, 25)
-    img = img * rng.uniform(0.85, 1.15, size=3) + rng.normal(0, 6, size=img.shape)
+    img = img * rng.uniform(0.85, 1.15, size=3) + rng.normal(0, 4, size=img.shape)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), lab
 
 
@@ -212,14 +215,16 @@ def is_complete(root: str, n_train: Optional[int] = None, n_val: Optional[int] =
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    if not isinstance(meta, dict) or meta.get("version") != SYNTHETIC_VERSION:
+    if not isinstance(meta, dict) or meta.get("version") != SYNTHETIC_VERSION \
+            or meta.get("revision") != GENERATOR_REVISION:
         return False
     want = {"n_train": n_train, "n_val": n_val, "seed": seed}
     return all(v is None or meta.get(k) == v for k, v in want.items())
 
 
 def _meta(n_train, n_val, seed) -> dict:
-    return {"version": SYNTHETIC_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed}
+    return {"version": SYNTHETIC_VERSION, "revision": GENERATOR_REVISION, "n_train": n_train,
+            "n_val": n_val, "seed": seed}
 
 
 def generate_synthetic(root: str, n_train: int = DEFAULT_TRAIN, n_val: int = DEFAULT_VAL,

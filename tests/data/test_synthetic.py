@@ -58,6 +58,19 @@ def test_complete_set_is_reused(tmp_path):
     assert not os.path.exists(os.path.join(root, "JPEGImages", "train_00000.jpg"))
 
 
+def test_set_from_an_older_generator_is_regenerated(tmp_path):
+    import json
+    root = str(tmp_path / "s")
+    generate_synthetic(root, 2, 1, 0)
+    marker = os.path.join(root, MARKER)
+    meta = json.load(open(marker))
+    meta["revision"] -= 1
+    json.dump(meta, open(marker, "w"))
+    assert not is_complete(root)
+    ensure_synthetic(root, 2, 1, 0, verbose=False)
+    assert is_complete(root, 2, 1, 0)
+
+
 def test_default_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("CPS_FAST_DATA_HOME", str(tmp_path))
     assert default_synthetic_root() == os.path.join(str(tmp_path), "synthetic-v1")
