@@ -23,6 +23,7 @@ image index is ``program_id(1)``: no per-pixel division, the image's base offset
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -102,19 +103,62 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def tile_shape(num_classes: int, tensors: int = 1) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P) for a class count.
+PIXELS_PER_PROGRAM = 1024   # per-program partials: G = N*HW/1024 values for the finaliser
 
-    The classes are padded to the next power of two (masked, never loaded), and the pixel
-    block is chosen so that one tile per logits tensor holds 4096 fp32 values: with
-    num_warps=4 (CE, OHEM) or 8 (CPS, two tensors) that is 32 values per thread per tensor,
-    which keeps the kernels free of register spills (see tests/kernels/test_aot.py) while
-    giving each program 128 pixels x C classes of loads in flight per tensor.
-    C = 19 or 21 -> BLOCK_C = 32, BLOCK_P = 128.
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of a per-pixel kernel.
+
+    ``rows``: the row-per-thread variant (NCHW and BLOCK_C <= 64). There the kernel is the
+    ``*_rows`` JIT variant compiled with HW *not* specialised on divisibility by 16, so the
+    compiler cannot prove 16-byte alignment of ``c*HW + s`` and does not vectorise along
+    the pixels: its blocked layout becomes one pixel per lane with all BLOCK_C classes in
+    the thread (threadsPerWarp = [32, 1]). Every reduction over the classes is then inside
+    a thread (no shuffles, no shared memory, no barriers), the per-pixel values (max, sum,
+    argmax, target, ...) are one register each instead of one per (pixel, class-thread),
+    and a warp's load of one class is still 32 consecutive pixels (64 B bf16 / 128 B
+    fp32, fully coalesced). Measured by the AOT compile (sm_90, bf16, C=21): CE 133 -> 96
+    registers, CPS 255 (+ spills) -> 168 at 128 pixels, barriers 34 -> 3: ~5x more bytes
+    in flight per SM, which is what a memory-bound kernel needs (copy bandwidth x latency
+    ~ 3.35 TB/s x ~1 us / 132 SMs ~ 25 KB per SM).
+    Channels_last (the classes are the contiguous axis): lanes along the classes (a warp
+    reads one pixel's C contiguous values), 32 pixels per tile so that the per-pixel
+    values replicated across the class lanes stay few (CE 56 registers, CPS 108).
     """
+    block_c: int
+    block_p: int
+    tiles: int
+    num_warps: int
+    rows: bool
+
+
+def tile_config(num_classes: int, hw: int, channels_last: bool, tensors: int = 1,
+                block_p: Optional[int] = None, tiles: Optional[int] = None,
+                num_warps: Optional[int] = None) -> TileConfig:
+    """The launch shape for C classes (padded to BLOCK_C = next pow2, masked, never
+    loaded); block_p / tiles / num_warps override it (tests: every block size;
+    benchmarks/kernels.py --sweep)."""
     block_c = next_pow2(num_classes)
-    block_p = max(16, min(512, 4096 // block_c // tensors))
-    return block_c, block_p
+    rows = (not channels_last) and block_c <= 64
+    if rows:
+        warps = num_warps or 4
+        bp = 32 * warps * max(1, 32 // block_c)          # 1 pixel per lane for C <= 32
+    elif channels_last:
+        warps = num_warps or 4
+        bp = max(16, 1024 // block_c)
+    else:                                                # NCHW with C > 64: vectorised tile
+        warps = num_warps or 4 * tensors
+        bp = max(16, 4096 // block_c // tensors)
+    block_p = block_p or bp
+    full = max(1, -(-hw // block_p))
+    tiles = tiles or max(1, min(PIXELS_PER_PROGRAM // block_p, full))
+    return TileConfig(block_c, block_p, tiles, warps, rows)
+
+
+def rows_variant(kernel):
+    """The row-per-thread JIT variant of a per-pixel kernel (see :class:`TileConfig`)."""
+    return triton.jit(kernel.fn, do_not_specialize=["HW"])
 
 
 def define_op(qualname: str, schema: str, impl, fake, backward=None, setup_context=None):

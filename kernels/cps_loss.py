@@ -69,7 +69,8 @@ def cps_loss_reference(logits_a: torch.Tensor, logits_b: torch.Tensor,
 # atomics at all): one fp32 + three int32 per program, added by a one-program finaliser in
 # a fixed order, which also splits the agreement counts by is_labeled[image].
 from ._common import (AOT_VARIANTS, HAVE_TRITON, as_u8, check_logits, check_runnable,  # noqa: E402
-                      define_op, empty_like_prepared, prepare_logits, scale_grad, tile_shape)
+                      define_op, empty_like_prepared, prepare_logits, rows_variant, scale_grad,
+                      tile_config)
 
 if HAVE_TRITON:
     import triton
@@ -173,8 +174,7 @@ if HAVE_TRITON:
         tl.store(stats_ptr + 2, tl.sum(ag_u, axis=0))
         tl.store(stats_ptr + 3, tl.sum(to_u, axis=0))
 
-    CPS_NUM_WARPS = 8   # two [128, 32] fp32 tiles: 16 values per thread per tensor
-    CPS_TILES = 16      # 1024 pixels per program
+    cps_loss_fwd_kernel_rows = rows_variant(cps_loss_fwd_kernel)
     FINALIZE_BLOCK = 1024
 
     def _cps_impl(logits_a, logits_b, valid, is_labeled, background_index, write_grad=True,
@@ -201,21 +201,21 @@ if HAVE_TRITON:
         lab = as_u8(is_labeled.to(dev, non_blocking=True)) if is_labeled is not None else None
         grad_a = empty_like_prepared(logits_a) if write_grad else a.new_empty(0)
         grad_b = empty_like_prepared(logits_b) if write_grad else a.new_empty(0)
-        block_c, bp = tile_shape(c, tensors=2)
-        block_p = block_p or bp
-        tiles = tiles or max(1, min(CPS_TILES, triton.cdiv(hw, block_p)))
-        g0 = triton.cdiv(hw, block_p * tiles) if hw > 0 else 0
+        # a mixed pair (one channels_last) takes the channels_last tile shape
+        cfg = tile_config(c, hw, cl_a or cl_b, 2, block_p, tiles, num_warps)
+        kernel = cps_loss_fwd_kernel_rows if cfg.rows else cps_loss_fwd_kernel
+        g0 = triton.cdiv(hw, cfg.block_p * cfg.tiles) if hw > 0 else 0
         g = g0 * n
         sum_part = torch.zeros(max(g, 1), dtype=torch.float32, device=dev)
         int_part = torch.zeros(3 * max(g, 1), dtype=torch.int32, device=dev)
         if g > 0:
-            cps_loss_fwd_kernel[(g0, n)](
+            kernel[(g0, n)](
                 a, b, v if v is not None else sum_part, grad_a, grad_b, sum_part, int_part,
                 hw, g, background_index if background_index >= 0 else 0,
-                NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
+                NUM_CLASSES=c, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, TILES=cfg.tiles,
                 A_CHANNELS_LAST=cl_a, B_CHANNELS_LAST=cl_b, HAS_VALID=v is not None,
                 HAS_BG=background_index >= 0, WRITE_GRAD=write_grad,
-                num_warps=num_warps or CPS_NUM_WARPS)
+                num_warps=cfg.num_warps)
         loss = torch.empty((), dtype=logits_a.dtype, device=dev)
         inv = torch.empty((), dtype=torch.float32, device=dev)
         stats = torch.empty(4, dtype=torch.int64, device=dev)
@@ -269,20 +269,20 @@ if HAVE_TRITON:
     def aot_specs():
         out = []
         for c, dt, cl in AOT_VARIANTS:
-            block_c, block_p = tile_shape(c, tensors=2)
+            cfg = tile_config(c, 512 * 512, cl, 2)
             out.append(dict(
                 name=f"cps_loss_fwd[C={c},{dt},{'NHWC' if cl else 'NCHW'}]",
-                fn=cps_loss_fwd_kernel,
+                fn=cps_loss_fwd_kernel_rows if cfg.rows else cps_loss_fwd_kernel,
                 signature={"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "valid_ptr": "*u8",
                            "grad_a_ptr": f"*{dt}", "grad_b_ptr": f"*{dt}",
                            "sum_part_ptr": "*fp32", "int_part_ptr": "*i32", "HW": "i32",
                            "G": "i32", "background_index": "i32"},
-                constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
-                                TILES=CPS_TILES, A_CHANNELS_LAST=cl, B_CHANNELS_LAST=cl,
+                constexprs=dict(NUM_CLASSES=c, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p,
+                                TILES=cfg.tiles, A_CHANNELS_LAST=cl, B_CHANNELS_LAST=cl,
                                 HAS_VALID=True, HAS_BG=True, WRITE_GRAD=True),
                 divisible=("a_ptr", "b_ptr", "valid_ptr", "grad_a_ptr", "grad_b_ptr",
-                           "sum_part_ptr", "int_part_ptr", "HW", "G"),
-                num_warps=CPS_NUM_WARPS))
+                           "sum_part_ptr", "int_part_ptr", "G") + (() if cfg.rows else ("HW",)),
+                num_warps=cfg.num_warps))
         out.append(dict(
             name="cps_loss_finalize", fn=cps_loss_finalize_kernel,
             signature={"sum_part_ptr": "*fp32", "int_part_ptr": "*i32", "G": "i32", "G0": "i32",

@@ -31,7 +31,7 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor,
 # finalize_mean in a fixed order (deterministic, no float atomics, no host sync).
 from ._common import (AOT_VARIANTS, HAVE_TRITON, check_logits, check_runnable,  # noqa: E402
                       define_op, empty_like_prepared, finalize_aot_spec, finalize_mean,
-                      prepare_logits, scale_grad, tile_shape)
+                      prepare_logits, rows_variant, scale_grad, tile_config)
 
 if HAVE_TRITON:
     import triton
@@ -77,14 +77,7 @@ if HAVE_TRITON:
         tl.store(sum_part_ptr + pid, tl.sum(acc, axis=0))
         tl.store(cnt_part_ptr + pid, tl.sum(cnt, axis=0))
 
-    CE_NUM_WARPS = 4
-    CE_TILES = 8        # 1024 pixels per program: few partials for finalize_mean to add
-
-    def _launch_shape(hw: int, num_classes: int, block_p=None, tiles=None):
-        block_c, bp = tile_shape(num_classes)
-        block_p = block_p or bp
-        tiles = tiles or max(1, min(CE_TILES, triton.cdiv(hw, block_p)))
-        return block_c, block_p, tiles
+    cross_entropy_fwd_kernel_rows = rows_variant(cross_entropy_fwd_kernel)
 
     def _ce_impl(logits, target, ignore_index, write_grad=True, block_p=None, tiles=None,
                  num_warps=None):
@@ -97,15 +90,16 @@ if HAVE_TRITON:
         hw = h * w
         t = target.contiguous()
         grad = empty_like_prepared(logits) if write_grad else logits.new_empty(0)
-        block_c, block_p, tiles = _launch_shape(hw, c, block_p, tiles)
-        g0 = triton.cdiv(hw, block_p * tiles) if hw > 0 else 0
+        cfg = tile_config(c, hw, cl, 1, block_p, tiles, num_warps)
+        kernel = cross_entropy_fwd_kernel_rows if cfg.rows else cross_entropy_fwd_kernel
+        g0 = triton.cdiv(hw, cfg.block_p * cfg.tiles) if hw > 0 else 0
         sum_part = torch.zeros(max(1, g0 * n), dtype=torch.float32, device=x.device)
         cnt_part = torch.zeros(max(1, g0 * n), dtype=torch.int32, device=x.device)
         if g0 * n > 0:
-            cross_entropy_fwd_kernel[(g0, n)](
+            kernel[(g0, n)](
                 x, t, grad, sum_part, cnt_part, hw, ignore_index,
-                NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
-                CHANNELS_LAST=cl, WRITE_GRAD=write_grad, num_warps=num_warps or CE_NUM_WARPS)
+                NUM_CLASSES=c, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, TILES=cfg.tiles,
+                CHANNELS_LAST=cl, WRITE_GRAD=write_grad, num_warps=cfg.num_warps)
         loss, inv = finalize_mean(sum_part, cnt_part, logits.dtype)
         return loss, grad, inv
 
@@ -145,17 +139,17 @@ if HAVE_TRITON:
         (tests/kernels/aot_compile.py): VOC (C=21) and Cityscapes (C=19), both layouts."""
         out = []
         for c, dt, cl in AOT_VARIANTS:
-            block_c, block_p = tile_shape(c)
+            cfg = tile_config(c, 512 * 512, cl)
             out.append(dict(
                 name=f"cross_entropy_fwd[C={c},{dt},{'NHWC' if cl else 'NCHW'}]",
-                fn=cross_entropy_fwd_kernel,
+                fn=cross_entropy_fwd_kernel_rows if cfg.rows else cross_entropy_fwd_kernel,
                 signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8", "grad_ptr": f"*{dt}",
                            "sum_part_ptr": "*fp32", "cnt_part_ptr": "*i32", "HW": "i32",
                            "ignore_index": "i32"},
-                constexprs=dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
-                                TILES=CE_TILES, CHANNELS_LAST=cl, WRITE_GRAD=True),
+                constexprs=dict(NUM_CLASSES=c, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p,
+                                TILES=cfg.tiles, CHANNELS_LAST=cl, WRITE_GRAD=True),
                 divisible=("logits_ptr", "target_ptr", "grad_ptr", "sum_part_ptr",
-                           "cnt_part_ptr", "HW"),
-                num_warps=CE_NUM_WARPS))
+                           "cnt_part_ptr") + (() if cfg.rows else ("HW",)),
+                num_warps=cfg.num_warps))
         out.append(finalize_aot_spec())
         return out

@@ -75,7 +75,7 @@ def ohem_cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor,
 # = 1.47 GB for forward + backward.
 from ._common import (AOT_VARIANTS, HAVE_TRITON, check_logits, check_runnable,  # noqa: E402
                       define_op, empty_like_prepared, finalize_aot_spec, finalize_mean,
-                      prepare_logits, tile_shape)
+                      prepare_logits, rows_variant, tile_config)
 
 RADIX_BITS = 10
 NBINS = 1 << RADIX_BITS        # 1024 real bins per digit
@@ -213,13 +213,10 @@ if HAVE_TRITON:
             g = tl.where(kept[:, None], g * scale, 0.0)
             tl.store(grad_ptr + img + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
-    OHEM_NUM_WARPS = 4
-    OHEM_TILES = 8
+    ohem_pass1_kernel_rows = rows_variant(ohem_pass1_kernel)
+    ohem_bwd_kernel_rows = rows_variant(ohem_bwd_kernel)
     HIST_BLOCK = 4096      # keys per histogram program (16 KB read, <= 1024 atomics)
     LOSS_BLOCK = 4096
-
-    def _tiles(hw, block_p, tiles):
-        return tiles or max(1, min(OHEM_TILES, triton.cdiv(hw, block_p)))
 
     def _ohem_impl(logits, target, thresh, min_kept, ignore_index, block_p=None, tiles=None,
                    num_warps=None):
@@ -233,19 +230,18 @@ if HAVE_TRITON:
         numel = n * hw
         dev = x.device
         t = target.contiguous()
-        block_c, bp = tile_shape(c)
-        block_p = block_p or bp
-        tiles = _tiles(hw, block_p, tiles)
-        g0 = triton.cdiv(hw, block_p * tiles) if hw > 0 else 0
+        cfg = tile_config(c, hw, cl, 1, block_p, tiles, num_warps)
+        g0 = triton.cdiv(hw, cfg.block_p * cfg.tiles) if hw > 0 else 0
         key = torch.empty((n, h, w), dtype=torch.int32, device=dev)
         ce = torch.empty((n, h, w), dtype=torch.float32, device=dev)
         hist = torch.zeros((3, NBINS), dtype=torch.int32, device=dev)
         state = torch.zeros(4, dtype=torch.int64, device=dev)
         if g0 * n > 0:
-            ohem_pass1_kernel[(g0, n)](
-                x, t, key, ce, hist, hw, ignore_index, NUM_CLASSES=c, BLOCK_C=block_c,
-                BLOCK_P=block_p, TILES=tiles, CHANNELS_LAST=cl, NBINS=NBINS,
-                HIST_BINS=HIST_BINS, num_warps=num_warps or OHEM_NUM_WARPS)
+            kernel = ohem_pass1_kernel_rows if cfg.rows else ohem_pass1_kernel
+            kernel[(g0, n)](
+                x, t, key, ce, hist, hw, ignore_index, NUM_CLASSES=c, BLOCK_C=cfg.block_c,
+                BLOCK_P=cfg.block_p, TILES=cfg.tiles, CHANNELS_LAST=cl, NBINS=NBINS,
+                HIST_BINS=HIST_BINS, num_warps=cfg.num_warps)
         if 1 <= min_kept <= numel:
             threshold = torch.empty((), dtype=torch.float32, device=dev)
             gh = triton.cdiv(numel, HIST_BLOCK)
@@ -274,15 +270,14 @@ if HAVE_TRITON:
         n, c, h, w = x.shape
         hw = h * w
         grad = empty_like_prepared(logits)
-        block_c, bp = tile_shape(c)
-        block_p = block_p or bp
-        tiles = _tiles(hw, block_p, tiles)
-        g0 = triton.cdiv(hw, block_p * tiles) if hw > 0 else 0
+        cfg = tile_config(c, hw, cl, 1, block_p, tiles, num_warps)
+        g0 = triton.cdiv(hw, cfg.block_p * cfg.tiles) if hw > 0 else 0
         if g0 * n > 0:
-            ohem_bwd_kernel[(g0, n)](
+            kernel = ohem_bwd_kernel_rows if cfg.rows else ohem_bwd_kernel
+            kernel[(g0, n)](
                 x, target.contiguous(), key, threshold, grad_out.contiguous(), inv_count,
-                grad, hw, NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p,
-                TILES=tiles, CHANNELS_LAST=cl, num_warps=num_warps or OHEM_NUM_WARPS)
+                grad, hw, NUM_CLASSES=c, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p,
+                TILES=cfg.tiles, CHANNELS_LAST=cl, num_warps=cfg.num_warps)
         return grad
 
     def _ohem_fake(logits, target, thresh, min_kept, ignore_index):
@@ -332,28 +327,30 @@ if HAVE_TRITON:
 
     def aot_specs():
         out = []
-        div_hw = ("logits_ptr", "target_ptr", "HW")
         for c, dt, cl in AOT_VARIANTS:
-            block_c, block_p = tile_shape(c)
+            cfg = tile_config(c, 800 * 800, cl)
             lay = "NHWC" if cl else "NCHW"
-            common = dict(NUM_CLASSES=c, BLOCK_C=block_c, BLOCK_P=block_p, TILES=OHEM_TILES,
-                          CHANNELS_LAST=cl)
+            common = dict(NUM_CLASSES=c, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p,
+                          TILES=cfg.tiles, CHANNELS_LAST=cl)
+            div_hw = ("logits_ptr", "target_ptr") + (() if cfg.rows else ("HW",))
             out.append(dict(
-                name=f"ohem_pass1[C={c},{dt},{lay}]", fn=ohem_pass1_kernel,
+                name=f"ohem_pass1[C={c},{dt},{lay}]",
+                fn=ohem_pass1_kernel_rows if cfg.rows else ohem_pass1_kernel,
                 signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8", "key_ptr": "*i32",
                            "ce_ptr": "*fp32", "hist_ptr": "*i32", "HW": "i32",
                            "ignore_index": "i32"},
                 constexprs=dict(common, NBINS=NBINS, HIST_BINS=HIST_BINS),
                 divisible=div_hw + ("key_ptr", "ce_ptr", "hist_ptr"),
-                num_warps=OHEM_NUM_WARPS))
+                num_warps=cfg.num_warps))
             out.append(dict(
-                name=f"ohem_bwd[C={c},{dt},{lay}]", fn=ohem_bwd_kernel,
+                name=f"ohem_bwd[C={c},{dt},{lay}]",
+                fn=ohem_bwd_kernel_rows if cfg.rows else ohem_bwd_kernel,
                 signature={"logits_ptr": f"*{dt}", "target_ptr": "*u8", "key_ptr": "*i32",
                            "threshold_ptr": "*fp32", "grad_out_ptr": f"*{dt}",
                            "inv_count_ptr": "*fp32", "grad_ptr": f"*{dt}", "HW": "i32"},
                 constexprs=common,
                 divisible=div_hw + ("key_ptr", "grad_ptr"),
-                num_warps=OHEM_NUM_WARPS))
+                num_warps=cfg.num_warps))
         for pass_ in (1, 2):
             out.append(dict(
                 name=f"ohem_hist[PASS={pass_}]", fn=ohem_hist_kernel,
