@@ -67,29 +67,92 @@ void write_mean(const std::vector<Acc>& parts, ptr_t loss, ptr_t inv_count, Acc*
   if (total) *total = t;
 }
 
+// Pixel blocks: up to kBlock pixels of one image processed channel by channel (class loop
+// outside, pixel loop inside), so that the pixel loops vectorise for NCHW (unit pixel stride,
+// kUnit) — the per-pixel arithmetic is the shared one of pixel_math.h, in the same order.
+constexpr int kBlock = 256;
+
+template <typename T, bool kUnit>
+struct Blk {
+  float m[kBlock], s[kBlock], ls[kBlock];
+  int am[kBlock];
+
+  // max / argmax / sum exp / log-sum of nb pixels starting at x (class 0 of the first pixel)
+  void stats(const T* x, int64_t sC, int64_t sP, int C, int nb) {
+    const int64_t sp = kUnit ? 1 : sP;
+    for (int i = 0; i < nb; ++i) {
+      m[i] = to_float(x[i * sp]);
+      am[i] = 0;
+      s[i] = 0.f;
+    }
+    for (int c = 1; c < C; ++c) {
+      const T* xc = x + c * sC;
+      for (int i = 0; i < nb; ++i) argmax_step(to_float(xc[i * sp]), c, m[i], am[i]);
+    }
+    for (int c = 0; c < C; ++c) {
+      const T* xc = x + c * sC;
+      for (int i = 0; i < nb; ++i) s[i] += fexp(to_float(xc[i * sp]) - m[i]);
+    }
+    for (int i = 0; i < nb; ++i) ls[i] = flog(s[i]);
+  }
+
+  // g = (softmax - onehot(t)) * on for nb pixels
+  void grad(const T* x, T* g, int64_t sC, int64_t sP, int C, int nb, const int* t,
+            const int* on) const {
+    const int64_t sp = kUnit ? 1 : sP;
+    float inv[kBlock];
+    for (int i = 0; i < nb; ++i) inv[i] = fdiv(1.f, s[i]);
+    for (int c = 0; c < C; ++c) {
+      const T* xc = x + c * sC;
+      T* gc = g + c * sC;
+      for (int i = 0; i < nb; ++i)
+        store(gc + i * sp, grad_elem(to_float(xc[i * sp]), m[i], inv[i], c, t[i], on[i] != 0));
+    }
+  }
+};
+
+// Calls body.template operator()<T, kUnit>() for the logits dtype and layout.
+template <typename F>
+void dispatch_blk(int dtype, const View& v, F&& f) {
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (v.sP == 1)
+      f.template operator()<T, true>();
+    else
+      f.template operator()<T, false>();
+  });
+}
+
 }  // namespace
 
 void ce_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode,
              int64_t ignore_index, ptr_t grad, ptr_t loss, ptr_t inv_count, int nthreads) {
   std::vector<Acc> parts(n_chunks(v));
   const int C = int(v.C);
-  dispatch(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+  const void* Y = reinterpret_cast<const void*>(target);
+  dispatch_blk(dtype, v, [&]<typename T, bool kUnit>() {
     const T* X = reinterpret_cast<const T*>(logits);
     T* G = reinterpret_cast<T*>(grad);
-    const void* Y = reinterpret_cast<const void*>(target);
     for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
       Acc a;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t off = n * v.sN + p * v.sP;
-        const int64_t t = load_label(Y, tcode, n * v.HW + p);
-        const bool valid = label_valid(t, ignore_index, C);
-        const Row r = row_stats(X + off, v.sC, C);
-        if (valid) {
-          a.loss += ce_of(r, to_float(X[off + t * v.sC]));
+      Blk<T, kUnit> b;
+      int t[kBlock];
+      int on[kBlock];  // int, not bool: keeps the grad loop vectorisable
+      for (int64_t q = p0; q < p1; q += kBlock) {
+        const int nb = int(std::min<int64_t>(kBlock, p1 - q));
+        const int64_t off = n * v.sN + q * v.sP;
+        for (int i = 0; i < nb; ++i) {
+          const int64_t tt = load_label(Y, tcode, n * v.HW + q + i);
+          on[i] = label_valid(tt, ignore_index, C);
+          t[i] = on[i] ? int(tt) : 0;
+        }
+        b.stats(X + off, v.sC, v.sP, C, nb);
+        for (int i = 0; i < nb; ++i) {
+          if (!on[i]) continue;
+          a.loss += ce_from(b.m[i], b.ls[i], to_float(X[off + t[i] * v.sC + i * v.sP]));
           a.count += 1;
         }
-        if (G) write_ce_grad(X + off, G + off, v.sC, C, r, int(valid ? t : 0), valid);
+        if (G) b.grad(X + off, G + off, v.sC, v.sP, C, nb, t, on);
       }
       parts[k] = a;
     });
@@ -104,27 +167,32 @@ void cps_host(const View& v, int dtype, ptr_t a_ptr, ptr_t b_ptr, ptr_t valid_pt
   const int C = int(v.C);
   const uint8_t* V = reinterpret_cast<const uint8_t*>(valid_ptr);
   const uint8_t* L = reinterpret_cast<const uint8_t*>(labeled_ptr);
-  dispatch(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+  dispatch_blk(dtype, v, [&]<typename T, bool kUnit>() {
     const T* A = reinterpret_cast<const T*>(a_ptr);
     const T* B = reinterpret_cast<const T*>(b_ptr);
     T* GA = reinterpret_cast<T*>(grad_a);
     T* GB = reinterpret_cast<T*>(grad_b);
     for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
       Acc acc;
+      Blk<T, kUnit> ba, bb;
+      int on[kBlock];  // int, not bool: keeps the grad loop vectorisable
       const bool lab = L ? L[n] != 0 : false;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t off = n * v.sN + p * v.sP;
-        const bool valid = V ? V[n * v.HW + p] != 0 : true;
-        const Row ra = row_stats(A + off, v.sC, C);
-        const Row rb = row_stats(B + off, v.sC, C);
-        if (valid) {
-          acc.loss += double(ce_of(ra, to_float(A[off + rb.am * v.sC]))) +
-                      double(ce_of(rb, to_float(B[off + ra.am * v.sC])));
+      for (int64_t q = p0; q < p1; q += kBlock) {
+        const int nb = int(std::min<int64_t>(kBlock, p1 - q));
+        const int64_t off = n * v.sN + q * v.sP;
+        for (int i = 0; i < nb; ++i) on[i] = V ? V[n * v.HW + q + i] != 0 : true;
+        ba.stats(A + off, v.sC, v.sP, C, nb);
+        bb.stats(B + off, v.sC, v.sP, C, nb);
+        for (int i = 0; i < nb; ++i) {
+          if (!on[i]) continue;
+          const int pa = ba.am[i], pb = bb.am[i];
+          const int64_t o = off + i * v.sP;
+          acc.loss += double(ce_from(ba.m[i], ba.ls[i], to_float(A[o + pb * v.sC]))) +
+                      double(ce_from(bb.m[i], bb.ls[i], to_float(B[o + pa * v.sC])));
           acc.count += 1;
-          const bool counted = background_index < 0 || ra.am != background_index ||
-                               rb.am != background_index;
-          const int64_t agree = (counted && ra.am == rb.am) ? 1 : 0;
+          const bool counted =
+              background_index < 0 || pa != background_index || pb != background_index;
+          const int64_t agree = (counted && pa == pb) ? 1 : 0;
           if (lab) {
             acc.agree_l += agree;
             acc.total_l += counted;
@@ -133,8 +201,9 @@ void cps_host(const View& v, int dtype, ptr_t a_ptr, ptr_t b_ptr, ptr_t valid_pt
             acc.total_u += counted;
           }
         }
-        if (GA) write_ce_grad(A + off, GA + off, v.sC, C, ra, rb.am, valid);
-        if (GB) write_ce_grad(B + off, GB + off, v.sC, C, rb, ra.am, valid);
+        // each network's pseudo-label is the other's argmax
+        if (GA) ba.grad(A + off, GA + off, v.sC, v.sP, C, nb, bb.am, on);
+        if (GB) bb.grad(B + off, GB + off, v.sC, v.sP, C, nb, ba.am, on);
       }
       parts[k] = acc;
     });
@@ -157,26 +226,35 @@ void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, 
   std::vector<float> ce(P);
   std::vector<int64_t> nvalid(n_chunks(v), 0);
   const void* Y = reinterpret_cast<const void*>(target);
-  // pass 1: p and CE per pixel
-  dispatch(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+  // pass 1: p (as an order-preserving key) and CE per pixel
+  dispatch_blk(dtype, v, [&]<typename T, bool kUnit>() {
     const T* X = reinterpret_cast<const T*>(logits);
     for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
       int64_t cnt = 0;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t off = n * v.sN + p * v.sP;
-        const int64_t i = n * v.HW + p;
-        const int64_t t = load_label(Y, tcode, i);
-        if (!label_valid(t, ignore_index, C)) {
-          key[i] = kInvalidKey;
-          ce[i] = 0.f;
-          continue;
+      Blk<T, kUnit> b;
+      int t[kBlock];
+      int on[kBlock];  // int, not bool: keeps the grad loop vectorisable
+      for (int64_t q = p0; q < p1; q += kBlock) {
+        const int nb = int(std::min<int64_t>(kBlock, p1 - q));
+        const int64_t off = n * v.sN + q * v.sP;
+        for (int i = 0; i < nb; ++i) {
+          const int64_t tt = load_label(Y, tcode, n * v.HW + q + i);
+          on[i] = label_valid(tt, ignore_index, C);
+          t[i] = on[i] ? int(tt) : 0;
         }
-        const Row r = row_stats(X + off, v.sC, C);
-        const float xt = to_float(X[off + t * v.sC]);
-        key[i] = prob_key(prob_of(r, xt));
-        ce[i] = ce_of(r, xt);
-        ++cnt;
+        b.stats(X + off, v.sC, v.sP, C, nb);
+        for (int i = 0; i < nb; ++i) {
+          const int64_t j = n * v.HW + q + i;
+          if (!on[i]) {
+            key[j] = kInvalidKey;
+            ce[j] = 0.f;
+            continue;
+          }
+          const float xt = to_float(X[off + t[i] * v.sC + i * v.sP]);
+          key[j] = prob_key(prob_from(b.m[i], b.s[i], xt));
+          ce[j] = ce_from(b.m[i], b.ls[i], xt);
+          ++cnt;
+        }
       }
       nvalid[k] = cnt;
     });
@@ -199,24 +277,29 @@ void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, 
   }
   // pass 2: masked mean and gradient
   std::vector<Acc> parts(n_chunks(v));
-  dispatch(dtype, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+  dispatch_blk(dtype, v, [&]<typename T, bool kUnit>() {
     const T* X = reinterpret_cast<const T*>(logits);
     T* G = reinterpret_cast<T*>(grad);
     for_chunks(v, nthreads, [&](int64_t k, int64_t n, int64_t p0, int64_t p1) {
       Acc a;
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t i = n * v.HW + p;
-        const bool kept = key[i] <= thr;
-        if (kept) {
-          a.loss += ce[i];
-          a.count += 1;
+      Blk<T, kUnit> b;
+      int t[kBlock];
+      int on[kBlock];  // int, not bool: keeps the grad loop vectorisable
+      for (int64_t q = p0; q < p1; q += kBlock) {
+        const int nb = int(std::min<int64_t>(kBlock, p1 - q));
+        for (int i = 0; i < nb; ++i) {
+          const int64_t j = n * v.HW + q + i;
+          on[i] = key[j] <= thr;
+          t[i] = on[i] ? int(load_label(Y, tcode, j)) : 0;
+          if (on[i]) {
+            a.loss += ce[j];
+            a.count += 1;
+          }
         }
         if (G) {
-          const int64_t off = n * v.sN + p * v.sP;
-          const Row r = row_stats(X + off, v.sC, C);
-          const int t = kept ? int(load_label(Y, tcode, i)) : 0;
-          write_ce_grad(X + off, G + off, v.sC, C, r, t, kept);
+          const int64_t off = n * v.sN + q * v.sP;
+          b.stats(X + off, v.sC, v.sP, C, nb);
+          b.grad(X + off, G + off, v.sC, v.sP, C, nb, t, on);
         }
       }
       parts[k] = a;

@@ -112,7 +112,32 @@ CPS_HD void store(f16* p, float v) {
 #endif
 }
 
-CPS_HD float fexp(float x) { return expf(x); }
+// exp on the host: a branch-free Cephes-style polynomial (about 1 ulp on [-87, 88]; inputs
+// below -87 give ~1e-38 instead of 0, harmless for softmax) that the host compiler can
+// vectorise across pixels without -ffast-math. The device uses the hardware-backed expf.
+CPS_HD float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : x;  // two plain selects: the host compiler vectorises these
+  x = x > 88.0f ? 88.0f : x;
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
+  float r = x - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * bits_to_f32(uint32_t(int(k) + 127) << 23);
+}
+
+CPS_HD float fexp(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  return exp_poly(x);
+#endif
+}
 // a / b for b in [1, C] (softmax denominators). On the device __fdividef (2 ulp there) avoids
 // the IEEE division's out-of-line slow path, which costs a call and register spills.
 CPS_HD float fdiv(float a, float b) {
@@ -123,6 +148,20 @@ CPS_HD float fdiv(float a, float b) {
 #endif
 }
 CPS_HD float flog(float x) { return logf(x); }
+
+// One step of the running argmax (strict >: ties keep the lowest index).
+CPS_HD void argmax_step(float v, int c, float& m, int& am) {
+  const float m0 = m;
+  const int gt = -int(v > m0);  // all ones when v > m: a branch-free, vectorisable update
+  m = gt ? v : m0;
+  am = (am & ~gt) | (c & gt);
+}
+// Gradient element of class c: softmax - onehot(t), or 0 when the pixel is off.
+CPS_HD float grad_elem(float x, float m, float inv_s, int c, int t, bool on) {
+  const float sm = fexp(x - m) * inv_s;
+  const float v = c == t ? sm - 1.f : sm;
+  return on ? v : 0.f;
+}
 
 // Softmax statistics of one pixel's C logits.
 struct Row {
@@ -136,13 +175,7 @@ template <typename T>
 CPS_HD void row_argmax(const T* x, int64_t sC, int C, float& m, int& am) {
   m = to_float(x[0]);
   am = 0;
-  for (int c = 1; c < C; ++c) {
-    const float v = to_float(x[c * sC]);
-    if (v > m) {
-      m = v;
-      am = c;
-    }
-  }
+  for (int c = 1; c < C; ++c) argmax_step(to_float(x[c * sC]), c, m, am);
 }
 
 template <typename T>
@@ -156,10 +189,12 @@ CPS_HD Row row_stats(const T* x, int64_t sC, int C) {
   return r;
 }
 
-// Cross-entropy of the pixel against class t, given its logit x_t.
-CPS_HD float ce_of(const Row& r, float xt) { return (r.m - xt) + r.ls; }
+// Cross-entropy of a pixel against class t from its max m, log-sum log(s) and logit x_t.
+CPS_HD float ce_from(float m, float ls, float xt) { return (m - xt) + ls; }
+CPS_HD float ce_of(const Row& r, float xt) { return ce_from(r.m, r.ls, xt); }
 // Softmax probability of class t.
-CPS_HD float prob_of(const Row& r, float xt) { return fdiv(fexp(xt - r.m), r.s); }
+CPS_HD float prob_from(float m, float s, float xt) { return fdiv(fexp(xt - m), s); }
+CPS_HD float prob_of(const Row& r, float xt) { return prob_from(r.m, r.s, xt); }
 
 // OHEM key of a probability: nonnegative floats order like their bit patterns.
 CPS_HD uint32_t prob_key(float p) { return f32_to_bits(p); }
@@ -173,10 +208,7 @@ CPS_HD void write_ce_grad(const T* x, G* g, int64_t sC, int C, const Row& r, int
     return;
   }
   const float inv = fdiv(1.f, r.s);
-  for (int c = 0; c < C; ++c) {
-    const float sm = fexp(to_float(x[c * sC]) - r.m) * inv;
-    store(g + c * sC, c == t ? sm - 1.f : sm);
-  }
+  for (int c = 0; c < C; ++c) store(g + c * sC, grad_elem(to_float(x[c * sC]), r.m, inv, c, t, true));
 }
 
 // Load a label of any supported integer storage type as int64.
