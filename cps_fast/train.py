@@ -36,13 +36,20 @@ def main(argv=None) -> int:
         cfg = cfg.apply_overrides([f"out={Path(args.resume).resolve().parent.parent}"])
     if args.resume == "latest" and cfg.out is None:
         raise ConfigError("--resume without a checkpoint path needs --out RUN_DIR")
-    out = cfg.out or f"runs/{cfg.preset}-{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.preset == "synthetic" and not args.quiet:
         print("cps_fast: training on the built-in synthetic dataset (a CPU demo that finishes in "
               "minutes); pass --preset voc_r50_1-8 --data-root DIR for the paper's runs")
+    from . import distributed
     from .engine.trainer import Trainer  # heavy imports after argument errors are reported
-    trainer = Trainer(cfg, out, resume=args.resume, quiet=args.quiet)
-    trainer.run()
+    info, device = distributed.init(cfg.train.device)
+    try:
+        out = cfg.out or distributed.broadcast_str(
+            f"runs/{cfg.preset}-{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        trainer = Trainer(cfg, out, resume=args.resume, dist_info=info, device=device,
+                          quiet=args.quiet or not info.is_main)
+        trainer.run()
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -10,7 +10,7 @@ masks are drawn from a device generator.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -24,34 +24,36 @@ from .optim import PolySGD
 METRIC_KEYS = ("loss", "sup_a", "sup_b", "cps", "nonfinite")
 
 
-class TrainStep:
-    """Forward of both networks, the losses, one backward and the optimiser step."""
+class CPSObjective(nn.Module):
+    """The forward passes of the networks and the losses of one iteration, as one module.
 
-    def __init__(self, nets: list[nn.Module], optim: PolySGD, cfg: Config,
-                 background_index: Optional[int], device: torch.device,
+    One module, so that DistributedDataParallel wraps the whole iteration: each network is
+    called several times (labeled, unlabeled, teacher passes) but DDP sees one forward and
+    one backward, and reduces the gradients of both networks in one process group.
+    """
+
+    def __init__(self, nets: list[nn.Module], cfg: Config, background_index: Optional[int],
                  cutmix_generator: Optional[torch.Generator] = None):
-        self.nets = nets
-        self.optim = optim
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
         self.method = cfg.train.method
         self.cps_weight = cfg.loss.cps_weight
         self.loss_cfg = cfg.loss
         self.ignore_index = cfg.data.ignore_index
         self.backend = cfg.train.kernels
         self.background_index = background_index
-        self.device = device
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16,
                           "fp16": torch.float16}[cfg.train.amp]
         self.channels_last = cfg.model.channels_last
         self.generator = cutmix_generator
         if self.method == "cps-cutmix" and cutmix_generator is None:
             raise ValueError("cps-cutmix needs a generator for the box masks")
-        self.scaler = DeviceLossScaler(device) if self.amp_dtype is torch.float16 else None
 
     # ------------------------------------------------------------------ helpers
-    def _autocast(self):
+    def _autocast(self, device: torch.device):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(device.type, dtype=self.amp_dtype)
 
     def _fwd(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -66,12 +68,13 @@ class TrainStep:
         return ops.cross_entropy(logits, target, self.ignore_index, backend=self.backend)
 
     # ------------------------------------------------------------------ losses
-    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The forward pass and the losses (no backward); all values are device tensors."""
         img, label = batch["image"], batch["label"]
-        zero = torch.zeros((), device=self.device)
-        stats = torch.zeros(4, dtype=torch.int64, device=self.device)
-        with self._autocast():
+        device = img.device
+        zero = torch.zeros((), device=device)
+        stats = torch.zeros(4, dtype=torch.int64, device=device)
+        with self._autocast(device):
             if self.method == "supervised":
                 sup_a = self._sup(self._fwd(self.nets[0], img), label)
                 return {"loss": sup_a, "sup_a": sup_a, "sup_b": zero, "cps": zero,
@@ -83,8 +86,8 @@ class TrainStep:
                 lb, ub = self._fwd(net_b, img), self._fwd(net_b, uimg)
                 sup_a, sup_b = self._sup(la, label), self._sup(lb, label)
                 is_labeled = torch.cat([
-                    torch.ones(img.shape[0], dtype=torch.bool, device=self.device),
-                    torch.zeros(uimg.shape[0], dtype=torch.bool, device=self.device)])
+                    torch.ones(img.shape[0], dtype=torch.bool, device=device),
+                    torch.zeros(uimg.shape[0], dtype=torch.bool, device=device)])
                 cps, stats = ops.cps_loss(torch.cat([la, ua]), torch.cat([lb, ub]),
                                           is_labeled=is_labeled,
                                           background_index=self.background_index,
@@ -92,7 +95,7 @@ class TrainStep:
             else:  # cps-cutmix: CPS on the mixed unlabeled images only
                 u0, u1 = batch["unlabeled"], batch["unlabeled2"]
                 n, _, h, w = u0.shape
-                mask = box_masks(n, h, w, self.generator, self.device)
+                mask = box_masks(n, h, w, self.generator, device)
                 with torch.no_grad():
                     # Teachers: each network on both unmixed images, logits mixed with
                     # the same mask; their argmax supervises the *other* network.
@@ -111,6 +114,33 @@ class TrainStep:
             loss = sup_a + sup_b + self.cps_weight * cps
         return {"loss": loss, "sup_a": sup_a, "sup_b": sup_b, "cps": cps, "stats": stats}
 
+
+class TrainStep:
+    """One iteration: the objective's forward, one backward, the optimiser step.
+
+    ``wrap`` (e.g. DistributedDataParallel) wraps the objective; ``reduce_flag`` makes the
+    non-finite flag global across ranks (a device collective, no host sync), so that every
+    rank skips the same steps.
+    """
+
+    def __init__(self, nets: list[nn.Module], optim: PolySGD, cfg: Config,
+                 background_index: Optional[int], device: torch.device,
+                 cutmix_generator: Optional[torch.Generator] = None,
+                 wrap: Optional[Callable[[nn.Module], nn.Module]] = None,
+                 reduce_flag: Optional[Callable[[torch.Tensor], None]] = None):
+        self.nets = nets
+        self.optim = optim
+        self.device = device
+        self.method = cfg.train.method
+        self.objective = CPSObjective(nets, cfg, background_index, cutmix_generator)
+        self.module = wrap(self.objective) if wrap is not None else self.objective
+        self.reduce_flag = reduce_flag
+        self.amp_dtype = self.objective.amp_dtype
+        self.scaler = DeviceLossScaler(device) if self.amp_dtype is torch.float16 else None
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.module(batch)
+
     # ------------------------------------------------------------------ the step
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for net in self.nets:
@@ -119,6 +149,8 @@ class TrainStep:
         out = self.losses(batch)
         loss = out["loss"].float()
         nonfinite = (~torch.isfinite(loss)).to(torch.float32)
+        if self.reduce_flag is not None:
+            self.reduce_flag(nonfinite)  # max over ranks: all skip together
         if self.scaler is not None:
             (loss * self.scaler.scale).backward()
             found = self.scaler.unscale_(self.nets)

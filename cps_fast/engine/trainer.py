@@ -26,6 +26,7 @@ from ..errors import CheckpointError, ConfigError, CpsFastError
 from ..metrics import format_iou_table, iou_from_confusion, mean_iou, overlap_ratios
 from ..models import build_model
 from ..runlog import MetricsLog, Progress
+from ..distributed import DistInfo, all_reduce_, barrier, convert_sync_bn, wrap_ddp
 from .evaluator import evaluate
 from .optim import PolySGD
 from .step import TrainStep
@@ -80,21 +81,28 @@ class _StopFlag:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | os.PathLike, resume: Optional[str] = None,
-                 rank: int = 0, world_size: int = 1, quiet: bool = False):
+                 dist_info: Optional[DistInfo] = None, device: Optional[torch.device] = None,
+                 quiet: bool = False):
         self.cfg = cfg
+        self.dist = dist_info or DistInfo()
+        rank, world_size = self.dist.rank, self.dist.world_size
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.quiet = quiet
         self.run_dir = Path(run_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.device = device if device is not None else resolve_device(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.path == "fast" and self.device.type != "cuda":
             self._say(f"--path fast: no CUDA device, running the eager step on {self.device}")
         seed_everything(cfg.train.seed)
 
-        # ---- data
+        # ---- data (rank 0 first: it may generate the synthetic set on first use)
+        if self.dist.enabled and not self.is_main:
+            barrier()
         self.splits = build_splits(cfg.data)
+        if self.dist.enabled and self.is_main:
+            barrier()
         self.info = self.splits.info
         if cfg.data.check != "none":
             from ..data.check import check_dataset
@@ -114,7 +122,11 @@ class Trainer:
         self.nets = []
         for i in range(n_nets):
             torch.manual_seed(cfg.train.seed * 1000 + i)
-            net = build_model(cfg.model, self.info.num_classes).to(self.device)
+            net = build_model(cfg.model, self.info.num_classes)
+            net, notice = convert_sync_bn(net, self.dist, self.device, cfg.model.sync_bn)
+            if notice and i == 0:
+                self._say(notice)
+            net = net.to(self.device)
             if cfg.model.channels_last:
                 net = net.to(memory_format=torch.channels_last)
             self.nets.append(net)
@@ -131,8 +143,10 @@ class Trainer:
         if cfg.train.method == "cps-cutmix":
             self.cutmix_gen = torch.Generator(device=self.device)
             self.cutmix_gen.manual_seed(cfg.train.seed * 1000 + 7 + rank)
-        self.step_fn = TrainStep(self.nets, self.optim, cfg, self.info.background_index,
-                                 self.device, self.cutmix_gen)
+        self.step_fn = TrainStep(
+            self.nets, self.optim, cfg, self.info.background_index, self.device, self.cutmix_gen,
+            wrap=(lambda m: wrap_ddp(m, self.dist, self.device)) if self.dist.enabled else None,
+            reduce_flag=(lambda t: all_reduce_(t, "max")) if self.dist.enabled else None)
         self.images_per_step = cfg.data.batch_size + (
             0 if cfg.train.method == "supervised"
             else cfg.data.unlabeled_batch_size * (2 if cfg.train.method == "cps-cutmix" else 1))
@@ -193,10 +207,19 @@ class Trainer:
         self.optim.load_state_dict(state["optim"])
         if self.step_fn.scaler is not None and "scaler" in state:
             self.step_fn.scaler.load_state_dict(state["scaler"])
+        saved_world = int(state.get("world_size", 1))
         for name, stream in self.streams.items():
             if name in state["streams"]:
-                stream.load_state_dict(state["streams"][name])
-        ckpt_io.set_rng_state(state["rng"], self.cutmix_gen)
+                stream.load_state_dict(_rescale_stream_state(
+                    state["streams"][name], saved_world, self.world_size, len(stream)))
+        same_layout = saved_world == self.world_size
+        # The CutMix generator's state is rank 0's; other ranks (or another world size)
+        # re-seed theirs from (seed, rank, step) so that ranks still draw different masks.
+        ckpt_io.set_rng_state(state["rng"], self.cutmix_gen if same_layout and self.rank == 0
+                              else None)
+        if self.cutmix_gen is not None and not (same_layout and self.rank == 0):
+            self.cutmix_gen.manual_seed(self.cfg.train.seed * 1000 + 7 + self.rank
+                                        + 7919 * int(state["step"]))
         self.step = int(state["step"])
         self.best_miou = float(state.get("best_miou", -1.0))
         self._say(f"resumed from {path} at step {self.step}/{self.total_iters}")
@@ -206,6 +229,7 @@ class Trainer:
                  "optim": self.optim.state_dict(),
                  "streams": {k: s.state_dict() for k, s in self.streams.items()},
                  "rng": ckpt_io.rng_state(self.cutmix_gen), "best_miou": self.best_miou,
+                 "world_size": self.world_size,
                  "num_classes": self.info.num_classes, "class_names": list(self.info.class_names),
                  "palette": np.asarray(self.info.palette).tolist(),
                  "dataset": self.info.name}
@@ -243,6 +267,10 @@ class Trainer:
         self.acc_steps += 1
 
     def _log_train(self, progress: Progress) -> None:
+        if self.dist.enabled:  # means over all ranks' batches
+            all_reduce_(self.acc)
+            self.acc /= self.world_size
+            all_reduce_(self.acc_stats)
         # Host sync: one copy of the accumulated device metrics per log interval.
         acc = self.acc.cpu().numpy()
         stats = self.acc_stats.cpu().numpy()
@@ -285,14 +313,17 @@ class Trainer:
         if which in ("a", "b") and which in names:
             names = [which]
         nets = {k: self.nets["ab".index(k)] for k in names}
-        val = iterate_val(self.splits.val, self.info, cfg.data, max_images=cfg.data.val_max_images)
-        n_val = len(self.splits.val) if cfg.data.val_max_images is None else min(
-            len(self.splits.val), cfg.data.val_max_images)
+        samples = self.splits.val[:cfg.data.val_max_images]
+        samples = samples[self.rank::self.world_size]  # each rank evaluates its share
+        val = iterate_val(samples, self.info, cfg.data, max_images=None)
+        n_val = len(samples)
         bar = Progress(n_val, desc="eval", enabled=self.is_main and not self.quiet)
         cms = evaluate(nets, val, cfg.eval, self.info.num_classes, cfg.data.ignore_index,
                        self.device, self.amp_dtype, cfg.train.kernels,
                        ensemble=which == "ensemble", progress=lambda i: bar.update(i))
         bar.close()
+        for cm in cms.values():
+            all_reduce_(cm)  # the confusion matrices of all ranks' shares
         rec = {"kind": "eval", "step": self.step, "time": time.time()}
         for k, cm in cms.items():
             rec[f"miou_{k}"] = mean_iou(cm)
@@ -388,3 +419,12 @@ class Interrupted(CpsFastError):
         super().__init__(f"{name} received: checkpoint saved at step {step} to {path}; "
                          f"continue with --resume")
 
+
+
+def _rescale_stream_state(state: dict, saved_world: int, world: int, shard_len: int) -> dict:
+    """A data stream's position saved at one world size, for another: the same number of
+    samples consumed in the epoch, shared over the new number of ranks."""
+    if saved_world == world:
+        return state
+    consumed = int(state["position"]) * saved_world
+    return {"epoch": int(state["epoch"]), "position": min(consumed // world, shard_len - 1)}
