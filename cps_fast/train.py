@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="iterations (default: from epochs)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<method>-<time>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                   help="continue from CKPT, or from the run directory's last checkpoint")
+                   help="continue from CKPT, or from the run directory's last checkpoint; "
+                        "'--resume auto' continues if --out has a checkpoint, else starts "
+                        "(for requeued cluster jobs)")
     p.add_argument("--path", choices=("eager", "fast"), default=None,
                    help="eager step, or the CUDA-graph fast step (falls back to eager off CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -31,11 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    if args.resume not in (None, "latest") and cfg.out is None:
+    if args.resume not in (None, "latest", "auto") and cfg.out is None:
         # A checkpoint path given: its run directory is the one to continue.
         cfg = cfg.apply_overrides([f"out={Path(args.resume).resolve().parent.parent}"])
-    if args.resume == "latest" and cfg.out is None:
-        raise ConfigError("--resume without a checkpoint path needs --out RUN_DIR")
+    if args.resume in ("latest", "auto") and cfg.out is None:
+        raise ConfigError(f"--resume {'' if args.resume == 'latest' else 'auto '}without a "
+                          "checkpoint path needs --out RUN_DIR")
     if cfg.preset == "synthetic" and not args.quiet:
         print("cps_fast: training on the built-in synthetic dataset (a CPU demo that finishes in "
               "minutes); pass --preset voc_r50_1-8 --data-root DIR for the paper's runs")

@@ -156,6 +156,8 @@ class Trainer:
         self.step = 0
         self.best_miou = -1.0
         self.ckpt = ckpt_io.CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints)
+        if resume == "auto":  # cluster requeue: continue if there is anything to continue
+            resume = "latest" if self.ckpt.latest() is not None else None
         if resume is not None:
             self._resume(resume)
         elif self.ckpt.latest() is not None:

@@ -128,3 +128,12 @@ def test_cli_errors_are_one_line(args, needle):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_resume_auto_starts_then_continues(make_config, tmp_path):
+    cfg = make_config("supervised")
+    first = Trainer(cfg, tmp_path / "r", resume="auto", quiet=True)
+    assert first.step == 0
+    first.run(stop_at=3)
+    again = Trainer(cfg, tmp_path / "r", resume="auto", quiet=True)
+    assert again.step == 3
