@@ -9,11 +9,17 @@ Layout. Logits are (N, C, H, W) in one of two memory layouts, both handled by in
 arithmetic (a ``CHANNELS_LAST`` constexpr, no copy):
   * NCHW contiguous: element (n, c, s) at n*C*HW + c*HW + s (s = h*W + w); the pixel axis
     is contiguous, so a tile [BLOCK_P pixels, BLOCK_C classes] is loaded as BLOCK_C
-    coalesced rows of BLOCK_P pixels (16-byte vectors when HW % 16 == 0, true for the
-    512^2 and 800^2 crops).
+    coalesced rows of BLOCK_P pixels, one pixel per lane and the whole class row in the
+    thread (the "rows" variant, see TileConfig).
   * channels_last (NHWC): element at n*HW*C + s*C + c; a tile is one contiguous run of
-    BLOCK_P*C elements (the padded classes are masked), coalesced across the warp.
-Any other stride pattern is made contiguous first (one copy, documented in the launcher).
+    BLOCK_P*C elements (the padded classes are masked), lanes along the classes.
+Any other stride pattern is made contiguous first (one copy, in prepare_logits).
+
+Traffic. Every kernel reads each logit once from DRAM and writes each gradient element
+once; the module headers of cross_entropy.py / cps_loss.py / ohem_cross_entropy.py give
+the bytes per pixel. None of the launchers synchronises with the host: counts, the OHEM
+selection state and the threshold live in device memory, launch shapes depend only on
+the tensor shapes, so every op can be captured in a CUDA graph.
 
 Grid. Every per-pixel kernel runs on a 2-D grid (pixel blocks of one image, image), so the
 image index is ``program_id(1)``: no per-pixel division, the image's base offset is one

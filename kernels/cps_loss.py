@@ -197,7 +197,8 @@ if HAVE_TRITON:
         if is_labeled is not None and tuple(is_labeled.shape) != (n,):
             raise ValueError(f"cps_loss: is_labeled shape {tuple(is_labeled.shape)} != {(n,)}")
         v = as_u8(valid) if valid is not None else None
-        # is_labeled may live on the host (a per-batch flag): moved, not rejected
+        # is_labeled may live on the host (a per-batch flag): moved, not rejected; a
+        # pageable host-to-device copy is staged, it does not wait for the device
         lab = as_u8(is_labeled.to(dev, non_blocking=True)) if is_labeled is not None else None
         grad_a = empty_like_prepared(logits_a) if write_grad else a.new_empty(0)
         grad_b = empty_like_prepared(logits_b) if write_grad else a.new_empty(0)
@@ -206,8 +207,9 @@ if HAVE_TRITON:
         kernel = cps_loss_fwd_kernel_rows if cfg.rows else cps_loss_fwd_kernel
         g0 = triton.cdiv(hw, cfg.block_p * cfg.tiles) if hw > 0 else 0
         g = g0 * n
-        sum_part = torch.zeros(max(g, 1), dtype=torch.float32, device=dev)
-        int_part = torch.zeros(3 * max(g, 1), dtype=torch.int32, device=dev)
+        # every program writes its own slots: no memset needed (one launch fewer)
+        sum_part = torch.empty(max(g, 1), dtype=torch.float32, device=dev)
+        int_part = torch.empty(3 * max(g, 1), dtype=torch.int32, device=dev)
         if g > 0:
             kernel[(g0, n)](
                 a, b, v if v is not None else sum_part, grad_a, grad_b, sum_part, int_part,

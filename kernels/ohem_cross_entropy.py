@@ -73,7 +73,7 @@ def ohem_cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor,
 # two histogram passes read 4 each; the loss pass reads 8; backward reads C*es + target +
 # 4 (key) and writes C*es. Cityscapes 16x19x800^2 bf16: 10.24 M px * (3*38 + 2 + 28) B
 # = 1.47 GB for forward + backward.
-from ._common import (AOT_VARIANTS, HAVE_TRITON, check_logits, check_runnable,  # noqa: E402
+from ._common import (AOT_VARIANTS, HAVE_TRITON, INT32_MAX, check_logits, check_runnable,  # noqa: E402
                       define_op, empty_like_prepared, finalize_aot_spec, finalize_mean,
                       prepare_logits, rows_variant, tile_config)
 
@@ -228,14 +228,17 @@ if HAVE_TRITON:
         n, c, h, w = x.shape
         hw = h * w
         numel = n * hw
+        if numel > INT32_MAX:
+            raise ValueError(f"ohem_cross_entropy: {numel} pixels; the selection kernels index "
+                             f"the keys with 32-bit offsets (at most {INT32_MAX})")
         dev = x.device
         t = target.contiguous()
         cfg = tile_config(c, hw, cl, 1, block_p, tiles, num_warps)
         g0 = triton.cdiv(hw, cfg.block_p * cfg.tiles) if hw > 0 else 0
         key = torch.empty((n, h, w), dtype=torch.int32, device=dev)
         ce = torch.empty((n, h, w), dtype=torch.float32, device=dev)
-        hist = torch.zeros((3, NBINS), dtype=torch.int32, device=dev)
-        state = torch.zeros(4, dtype=torch.int64, device=dev)
+        hist = torch.zeros((3, NBINS), dtype=torch.int32, device=dev)   # atomics add into it
+        state = torch.empty(4, dtype=torch.int64, device=dev)   # written by select PASS 0
         if g0 * n > 0:
             kernel = ohem_pass1_kernel_rows if cfg.rows else ohem_pass1_kernel
             kernel[(g0, n)](
@@ -256,7 +259,7 @@ if HAVE_TRITON:
             # Static: min_kept <= 0 (mining off) or more than every pixel of the batch.
             threshold = torch.full((), float("inf"), dtype=torch.float32, device=dev)
         gl = max(1, triton.cdiv(numel, LOSS_BLOCK))
-        sum_part = torch.zeros(gl, dtype=torch.float32, device=dev)
+        sum_part = torch.zeros(gl, dtype=torch.float32, device=dev)   # numel == 0: read as is
         cnt_part = torch.zeros(gl, dtype=torch.int32, device=dev)
         if numel > 0:
             ohem_loss_kernel[(gl,)](key, ce, threshold, sum_part, cnt_part, numel,

@@ -40,6 +40,13 @@ def need_triton():
         pytest.skip("no CUDA and TRITON_INTERPRET != 1")
 
 
+def need_compiled_triton():
+    """The gpu tests run the compiled kernels: the interpreter at the real shapes would take
+    hours, and tests/conftest.py turns it on unless TRITON_INTERPRET is set."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("run the gpu kernel tests with TRITON_INTERPRET=0 (compiled kernels)")
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

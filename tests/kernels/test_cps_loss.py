@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_testutil import (DTYPES, assert_grad_close, assert_loss_close, fresh_generator,
-                             logits, need_triton)
+                             logits, need_compiled_triton, need_triton)
 
 from cps_fast import ops
 from cps_fast.kernels.cps_loss import cps_loss_reference
@@ -177,6 +177,7 @@ def test_opcheck():
 @pytest.mark.parametrize("shape", [(16, 21, 512, 512), (16, 19, 800, 800)], ids=["voc", "cityscapes"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gpu_real_shapes(shape, channels_last):
+    need_compiled_triton()
     gen, seed = fresh_generator()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     a = torch.randn(shape, generator=gen).mul_(3).to("cuda", torch.bfloat16).contiguous(memory_format=fmt)

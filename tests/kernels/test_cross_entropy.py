@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernel_testutil import (DTYPES, assert_grad_close, assert_loss_close, fresh_generator,
-                             labels, logits, need_triton)
+                             labels, logits, need_compiled_triton, need_triton)
 
 from cps_fast import ops
 from cps_fast.kernels.cross_entropy import cross_entropy_reference
@@ -176,6 +176,7 @@ def test_opcheck():
 @pytest.mark.parametrize("shape", [(16, 21, 512, 512), (16, 19, 800, 800)], ids=["voc", "cityscapes"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gpu_real_shapes(shape, channels_last):
+    need_compiled_triton()
     gen, seed = fresh_generator()
     n, c, h, w = shape
     x = torch.randn(shape, generator=gen).mul_(3).to("cuda", torch.bfloat16)
