@@ -169,6 +169,8 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCPS_FAST_BUILD_STAMP={stamp}",
             "-DCMAKE_BUILD_TYPE=Release",
+            # CMake >= 4 refuses packages declaring support for < 3.5 (older pybind11 configs)
+            "-DCMAKE_POLICY_VERSION_MINIMUM=3.5",
         ]
         ninja = shutil.which("ninja")
         if ninja is None:

@@ -10,7 +10,7 @@ bandwidth.
 On the CPU (``--quick``, or no CUDA): the host C++ path against eager PyTorch at small shapes;
 smoke figures only (DESIGN.md section 6).
 
-Appends one JSON record per measured variant to benchmarks/results/ops_backends.jsonl
+Appends one JSON record per measured variant to benchmarks/results/ops_backends-<device>.jsonl
 (DESIGN.md section 9) and prints a Markdown table.
 
     python benchmarks/ops_backends.py            # GPU: VOC + Cityscapes shapes
@@ -19,12 +19,7 @@ Appends one JSON record per measured variant to benchmarks/results/ops_backends.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,9 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import (append_jsonl, copy_bandwidth_gbs, device_slug, environment,  # noqa: E402
+                     markdown_table, peak_extra_gb, time_ms)
+
 from cps_fast import ops  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "ops_backends.jsonl"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 # (preset, op, shape, extra kwargs)
 GPU_CASES = [
@@ -55,25 +55,6 @@ CPU_CASES = [
     ("cpu_voc_small", "cps_loss", (4, 21, 128, 128), {}),
     ("cpu_city_small", "ohem_cross_entropy", (2, 19, 160, 160), {"min_kept": 5000}),
 ]
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "cps_fast/ext.py"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except Exception:
-        return "unknown"
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-        return triton.__version__
-    except Exception:
-        return None
 
 
 def _inputs(op, shape, dtype, device, seed=0):
@@ -122,118 +103,75 @@ def _make_fn(op, backend, a, b, t, kw, grad):
     return run
 
 
-def _time_cuda(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return out
-
-
-def _time_cpu(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def _copy_bandwidth(device) -> float | None:
-    """Device-to-device copy GB/s (bytes read + written), the ceiling for these ops."""
-    if device != "cuda":
-        return None
-    x = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")
-    y = torch.empty_like(x)
-    ts = _time_cuda(lambda: y.copy_(x), 20)
-    return 2 * x.numel() * 4 / (statistics.median(ts) * 1e-3) / 1e9
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU smoke figures at small shapes")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--dtypes", default=None, help="comma list: float32,bfloat16")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="measure every variant this many times (GPU default 2: noise check)")
+    ap.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSONL file (default benchmarks/results/ops_backends-<device>.jsonl)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
 
-    device = "cuda" if (torch.cuda.is_available() and not args.quick) else "cpu"
-    cases = GPU_CASES if device == "cuda" else CPU_CASES
-    dtypes = args.dtypes or ("float32,bfloat16" if device == "cuda" else "float32")
-    dtypes = [getattr(torch, d) for d in dtypes.split(",")]
-    reps = args.reps or (20 if device == "cuda" else 7)
-    timer = _time_cuda if device == "cuda" else _time_cpu
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    copy_gbs = _copy_bandwidth(device)
-    commit, tv = _commit(), _triton_version()
-    ext_backend = "cuda" if device == "cuda" else "cpp"
-    variants = [("eager", "torch")]
-    if device == "cuda":
-        variants.append(("triton", "triton"))
-    variants.append(("ext", ext_backend))
+    on_gpu = torch.cuda.is_available() and not args.quick
+    device = torch.device("cuda" if on_gpu else "cpu")
+    cases = GPU_CASES if on_gpu else CPU_CASES
+    dtypes = [getattr(torch, d) for d in
+              (args.dtypes or ("float32,bfloat16" if on_gpu else "float32")).split(",")]
+    reps = args.reps or (20 if on_gpu else 7)
+    rounds = args.rounds or (2 if on_gpu else 1)
+    env = environment(device)
+    copy_gbs = copy_bandwidth_gbs(device, 1 << 30) if on_gpu else None
+    variants = [("eager", "torch")] + ([("triton", "triton")] if on_gpu else []) + \
+               [("ext", "cuda" if on_gpu else "cpp")]
 
     records = []
     for preset, op, shape, kw in cases:
         for dtype in dtypes:
-            a, b, t = _inputs(op, shape, dtype, device)
+            a, b, t = _inputs(op, shape, dtype, device.type)
             grad = op != "confusion_matrix"
             nbytes = _bytes(op, shape, dtype, grad)
-            for variant, backend in variants:
-                if backend != "torch" and backend not in ops.available_backends(op, device):
-                    print(f"skip {op}/{variant}: {ops._load_errors.get(backend) or 'unavailable'}",
-                          file=sys.stderr)
-                    continue
-                fn = _make_fn(op, backend, a, b, t, kw, grad)
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                ts = sorted(timer(fn, reps))
-                med = statistics.median(ts)
-                lo, hi = ts[len(ts) // 10], ts[-1 - len(ts) // 10]
-                rec = {
-                    "benchmark": op, "variant": variant, "backend": backend, "preset": preset,
-                    "device": dev_name, "commit": commit, "torch": torch.__version__,
-                    "triton": tv, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                    "pass": "fwd_bwd" if grad else "fwd", "reps": reps,
-                    "median_ms": round(med, 4), "spread_ms": round(hi - lo, 4),
-                    "gb_per_s": round(nbytes / (med * 1e-3) / 1e9, 2),
-                    "copy_gb_per_s": round(copy_gbs, 1) if copy_gbs else None,
-                    "threads": torch.get_num_threads() if device == "cpu" else None,
-                    "peak_mem_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                                    if device == "cuda" else None),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-                records.append(rec)
+            for rnd in range(rounds):
+                for variant, backend in variants:
+                    if backend != "torch" and backend not in ops.available_backends(op, device.type):
+                        if rnd == 0:
+                            print(f"skip {op}/{variant}: "
+                                  f"{ops._load_errors.get(backend) or 'unavailable'}", file=sys.stderr)
+                        continue
+                    fn = _make_fn(op, backend, a, b, t, kw, grad)
+                    tm = time_ms(fn, device, warmup=3, reps=reps)
+                    rec = dict(env, benchmark=op, variant=variant, backend=backend, preset=preset,
+                               shape=list(shape), dtype=str(dtype).replace("torch.", ""),
+                               kwargs=kw, pass_="fwd_bwd" if grad else "fwd", round=rnd,
+                               reps=reps, median_ms=tm["median_ms"], spread_ms=tm["spread_ms"],
+                               bytes_model=nbytes,
+                               gb_per_s=nbytes / (tm["median_ms"] * 1e-3) / 1e9,
+                               copy_gb_per_s=copy_gbs,
+                               threads=torch.get_num_threads() if not on_gpu else None,
+                               peak_mem_gb=peak_extra_gb(fn, device))
+                    rec["pass"] = rec.pop("pass_")
+                    if copy_gbs:
+                        rec["frac_of_copy"] = rec["gb_per_s"] / copy_gbs
+                    records.append(rec)
             del a, b, t
 
-    # table: per case, each variant's median and the speed-up of ext over eager
-    print(f"\n{dev_name}, torch {torch.__version__}, commit {commit}"
-          + (f", copy {copy_gbs:.0f} GB/s" if copy_gbs else "") + "\n")
-    print("| preset | op | dtype | variant | median ms | spread ms | GB/s | vs eager |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
     base = {}
     for r in records:
-        key = (r["preset"], r["benchmark"], r["dtype"])
+        key = (r["preset"], r["benchmark"], r["dtype"], r["round"])
         if r["variant"] == "eager":
             base[key] = r["median_ms"]
-        speed = base.get(key, float("nan")) / r["median_ms"]
-        print(f"| {r['preset']} | {r['benchmark']} | {r['dtype']} | {r['variant']} | "
-              f"{r['median_ms']:.3f} | {r['spread_ms']:.3f} | {r['gb_per_s']:.1f} | {speed:.2f}x |")
+        r["speedup_vs_eager"] = base.get(key, float("nan")) / r["median_ms"]
+    print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}"
+          + (f", copy {copy_gbs:.0f} GB/s" if copy_gbs else "")
+          + ("" if on_gpu else " (CPU: smoke figures only)") + "\n")
+    print(markdown_table(records, ["preset", "benchmark", "dtype", "variant", "round",
+                                   "median_ms", "spread_ms", "gb_per_s", "speedup_vs_eager"]))
     if not args.no_save:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        print(f"\nappended {len(records)} records to {args.out.relative_to(ROOT)}")
+        out = args.out or RESULTS_DIR / f"ops_backends-{device_slug(env['device'])}.jsonl"
+        append_jsonl(str(out), records)
+        print(f"\nappended {len(records)} records to {out}")
 
 
 if __name__ == "__main__":
