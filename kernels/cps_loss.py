@@ -68,9 +68,9 @@ def cps_loss_reference(logits_a: torch.Tensor, logits_b: torch.Tensor,
 # gradients once more (+ 4*C*es per pixel). Counts and partial sums are per program (no
 # atomics at all): one fp32 + three int32 per program, added by a one-program finaliser in
 # a fixed order, which also splits the agreement counts by is_labeled[image].
-from ._common import (AOT_VARIANTS, HAVE_TRITON, as_u8, check_logits, check_runnable,  # noqa: E402
-                      define_op, empty_like_prepared, prepare_logits, rows_variant, scale_grad,
-                      tile_config)
+from ._common import (AOT_VARIANTS, FINALIZE_BLOCK, FINALIZE_WARPS, HAVE_TRITON,  # noqa: E402
+                      as_u8, check_logits, check_runnable, define_op, empty_like_prepared,
+                      prepare_logits, rows_variant, scale_grad, tile_config)
 
 if HAVE_TRITON:
     import triton
@@ -175,7 +175,6 @@ if HAVE_TRITON:
         tl.store(stats_ptr + 3, tl.sum(to_u, axis=0))
 
     cps_loss_fwd_kernel_rows = rows_variant(cps_loss_fwd_kernel)
-    FINALIZE_BLOCK = 1024
 
     def _cps_impl(logits_a, logits_b, valid, is_labeled, background_index, write_grad=True,
                   block_p=None, tiles=None, num_warps=None):
@@ -223,7 +222,8 @@ if HAVE_TRITON:
         stats = torch.empty(4, dtype=torch.int64, device=dev)
         cps_loss_finalize_kernel[(1,)](
             sum_part, int_part, g, max(g0, 1), lab if lab is not None else int_part,
-            loss, inv, stats, HAS_LABELED=lab is not None, BLOCK=FINALIZE_BLOCK, num_warps=4)
+            loss, inv, stats, HAS_LABELED=lab is not None, BLOCK=FINALIZE_BLOCK,
+            num_warps=FINALIZE_WARPS)
         return loss, stats, grad_a, grad_b, inv
 
     def _cps_fake(logits_a, logits_b, valid, is_labeled, background_index, write_grad):
@@ -292,5 +292,5 @@ if HAVE_TRITON:
                        "stats_ptr": "*i64"},
             constexprs=dict(HAS_LABELED=True, BLOCK=FINALIZE_BLOCK),
             divisible=("sum_part_ptr", "int_part_ptr", "is_labeled_ptr", "stats_ptr"),
-            num_warps=4))
+            num_warps=FINALIZE_WARPS))
         return out
