@@ -31,6 +31,18 @@ Timing: CUDA events around each forward + backward (median of --reps after --war
 peak allocated during one forward + backward above what the inputs already hold. Records
 (DESIGN.md section 9) are appended to benchmarks/results/kernels-<device>.jsonl, a Markdown
 table goes to stdout. CPU figures (--quick) are smoke figures only.
+
+A GPU round (TRITON_INTERPRET must be off: tests/conftest.py turns it on by default):
+
+    export TRITON_INTERPRET=0
+    python3 -m pytest -q -m gpu tests/kernels                      # real shapes vs reference
+    python3 benchmarks/kernels.py --variants eager,triton,eager_sort --out $OUT/kernels.jsonl
+    python3 benchmarks/kernels.py --variants compile --rounds 1 --out $OUT/kernels.jsonl
+    python3 benchmarks/kernels.py --ops cps_loss --variants triton --sweep --rounds 1 \
+        --out $OUT/kernels-sweep.jsonl                             # launch-shape sweep
+
+(torch.compile takes tens of seconds per case to compile, hence its own call; the sweep
+times the fused forward kernels over BLOCK_P x TILES x num_warps on each op's first case.)
 """
 
 from __future__ import annotations
@@ -286,7 +298,7 @@ def main(args) -> int:
                             print(f"[error] {op} {preset} {layout} {variant}: {rec['error']}",
                                   file=sys.stderr)
                         records.append(rec)
-                if args.sweep and not quick:
+                if args.sweep and not quick and preset == cases[op][0][0]:
                     records += _sweep(op, inp, shape, device, env, args, base)
                 del inp
                 if device.type == "cuda":
