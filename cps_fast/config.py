@@ -164,6 +164,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
     path: str = "eager"                 # eager | fast (CUDA graph; falls back to eager off CUDA)
+    graph_warmup: int = 3               # eager steps before the CUDA graph is captured
     amp: str = "none"                   # none | bf16 | fp16
     kernels: str = "auto"               # auto | torch | triton | cuda | cpp
     log_every: int = 20
@@ -179,6 +180,7 @@ class TrainConfig:
         _check(self.epochs >= 0, "train.epochs", "must be >= 0")
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda")
         _check(self.path in ("eager", "fast"), "train.path", "eager or fast")
+        _check(self.graph_warmup >= 1, "train.graph_warmup", "must be >= 1")
         _check(self.amp in ("none", "bf16", "fp16"), "train.amp", "none, bf16 or fp16")
         _check(self.kernels in ("auto", "torch", "triton", "cuda", "cpp"), "train.kernels",
                "auto, torch, triton, cuda or cpp")

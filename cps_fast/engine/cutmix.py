@@ -12,11 +12,12 @@ shapes, so it can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 
-def box_masks(n: int, height: int, width: int, generator: torch.Generator,
+def box_masks(n: int, height: int, width: int, generator: Optional[torch.Generator],
               device: torch.device, prop_range=(0.25, 0.5), n_boxes: int = 3) -> torch.Tensor:
     """(n, 1, H, W) float32 masks of 0/1; 1 = take the second image."""
     low, high = prop_range

@@ -97,7 +97,10 @@ class PolySGD:
         self.lr_t.copy_(self.base_lr * poly_factor(self.step_t, self.total_iters, self.power))
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "step": self._host_step}
+        # Host sync (checkpoint time only): the device counter is the truth, since a
+        # replayed CUDA graph advances it without running this Python code.
+        step = int(self.step_t.item()) if self.fused else self._host_step
+        return {"optimizer": self.optimizer.state_dict(), "step": step}
 
     def load_state_dict(self, d: dict) -> None:
         self.optimizer.load_state_dict(d["optimizer"])

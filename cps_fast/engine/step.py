@@ -45,15 +45,16 @@ class CPSObjective(nn.Module):
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16,
                           "fp16": torch.float16}[cfg.train.amp]
         self.channels_last = cfg.model.channels_last
+        # None: the device's default generator (what a captured CUDA graph tracks).
         self.generator = cutmix_generator
-        if self.method == "cps-cutmix" and cutmix_generator is None:
-            raise ValueError("cps-cutmix needs a generator for the box masks")
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self, device: torch.device):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.amp_dtype)
+        # The autocast weight cache must not outlive a graph capture.
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=not capturing)
 
     def _fwd(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,7 @@ from ..models import build_model
 from ..runlog import MetricsLog, Progress
 from ..distributed import DistInfo, all_reduce_, barrier, convert_sync_bn, wrap_ddp
 from .evaluator import evaluate
+from .graph import make_step
 from .optim import PolySGD
 from .step import TrainStep
 
@@ -93,8 +95,6 @@ class Trainer:
         self.device = device if device is not None else resolve_device(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.path == "fast" and self.device.type != "cuda":
-            self._say(f"--path fast: no CUDA device, running the eager step on {self.device}")
         seed_everything(cfg.train.seed)
 
         # ---- data (rank 0 first: it may generate the synthetic set on first use)
@@ -140,13 +140,18 @@ class Trainer:
                                        if cfg.optim.lr_scaling == "linear" else 1.0)
         self.optim = PolySGD(self.nets, cfg.optim, self.base_lr, self.total_iters, self.device)
         self.cutmix_gen = None
-        if cfg.train.method == "cps-cutmix":
+        graph_path = cfg.train.path == "fast" and self.device.type == "cuda"
+        if cfg.train.method == "cps-cutmix" and not graph_path:
+            # (On the graph path the masks come from the default CUDA generator, which
+            # capture tracks and whose state the checkpoint's RNG states include.)
             self.cutmix_gen = torch.Generator(device=self.device)
             self.cutmix_gen.manual_seed(cfg.train.seed * 1000 + 7 + rank)
         self.step_fn = TrainStep(
             self.nets, self.optim, cfg, self.info.background_index, self.device, self.cutmix_gen,
             wrap=(lambda m: wrap_ddp(m, self.dist, self.device)) if self.dist.enabled else None,
             reduce_flag=(lambda t: all_reduce_(t, "max")) if self.dist.enabled else None)
+        self.step_fn = make_step(self.step_fn, cfg.train.path, self.device, world_size,
+                                 warmup=cfg.train.graph_warmup, say=self._warn)
         self.images_per_step = cfg.data.batch_size + (
             0 if cfg.train.method == "supervised"
             else cfg.data.unlabeled_batch_size * (2 if cfg.train.method == "cps-cutmix" else 1))
@@ -174,6 +179,11 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.is_main and not self.quiet:
             print(msg, flush=True)
+
+    def _warn(self, msg: str) -> None:
+        """Printed on rank 0 even when quiet: something did not go as configured."""
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
 
     def _prepare_run_dir(self) -> None:
         try:

@@ -1,0 +1,115 @@
+"""The fast path: the whole training step replayed as one CUDA graph.
+
+``GraphStep`` wraps the same ``TrainStep`` the eager path calls. Its first ``warmup`` calls
+run eagerly on a side stream (so that lazily created state — gradient buffers, momentum
+buffers, cuDNN/cuBLAS workspaces, Triton autotuning — exists before capture); the next call
+captures the step into a graph and then replays it, and every later call copies the new
+batch into the static input buffers and replays. Capturing records kernels without running
+them, so the sequence of updates is exactly the eager one: warm-up steps are real steps on
+real batches, and the captured step's first execution is its first replay.
+
+What keeps it graph-safe lives in the step itself: no host synchronisation, the learning
+rate and the step counter as device tensors advanced inside the graph, fused SGD reading
+them, gradients kept allocated (``zero_grad(set_to_none=False)``), non-finite steps skipped
+on the device, CutMix masks from the default CUDA generator (whose Philox offsets graphs
+track). Off CUDA, or under DDP, ``make_step`` returns the eager step with a one-line reason.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .step import TrainStep
+
+
+class GraphStep:
+    def __init__(self, step: TrainStep, warmup: int = 3,
+                 on_fallback: Optional[Callable[[str], None]] = None):
+        if warmup < 1:
+            raise ValueError("GraphStep needs at least one eager warm-up step")
+        self.step = step
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_in: dict[str, torch.Tensor] = {}
+        self.static_out: Optional[dict] = None
+        self.fallback_reason: Optional[str] = None
+        self.on_fallback = on_fallback
+        self._side = torch.cuda.Stream()
+
+    # Keep the attributes the trainer reads from a step.
+    @property
+    def amp_dtype(self):
+        return self.step.amp_dtype
+
+    @property
+    def scaler(self):
+        return self.step.scaler
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def losses(self, batch):
+        return self.step.losses(batch)
+
+    def _stage(self, batch: dict[str, torch.Tensor]) -> None:
+        """Copy the batch into the static buffers (allocated on the first call)."""
+        if not self.static_in:
+            self.static_in = {k: torch.empty_like(v, device=self.step.device)
+                              for k, v in batch.items()}
+        if batch.keys() != self.static_in.keys():
+            raise ValueError(f"batch keys changed: {sorted(batch)} vs {sorted(self.static_in)}")
+        for k, v in batch.items():
+            if v.shape != self.static_in[k].shape:
+                # A graph replays fixed shapes: the loaders drop ragged batches.
+                raise ValueError(f"batch[{k!r}] shape {tuple(v.shape)} differs from the "
+                                 f"captured {tuple(self.static_in[k].shape)}")
+            self.static_in[k].copy_(v, non_blocking=True)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict:
+        if self.fallback_reason is not None:
+            return self.step(batch)
+        self._stage(batch)
+        self.calls += 1
+        if self.graph is None and self.calls <= self.warmup:
+            # Eager warm-up on a side stream, as PyTorch's graph recipe asks.
+            self._side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._side):
+                out = self.step(self.static_in)
+            torch.cuda.current_stream().wait_stream(self._side)
+            return out
+        if self.graph is None:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the DataLoader's pin-memory thread may call into CUDA.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.static_out = self.step(self.static_in)
+                self.graph = graph
+            except Exception as e:  # a sync or an unsupported op inside the step
+                self.fallback_reason = f"CUDA graph capture failed ({type(e).__name__}: " \
+                                       f"{str(e).splitlines()[0] if str(e) else ''}); eager step"
+                if self.on_fallback is not None:
+                    self.on_fallback(self.fallback_reason)
+                torch.cuda.synchronize()
+                return self.step(self.static_in)
+        self.graph.replay()
+        return self.static_out
+
+
+def make_step(step: TrainStep, path: str, device: torch.device, world_size: int,
+              warmup: int = 3, say: Callable[[str], None] = print):
+    """The step for ``--path``: a GraphStep where it can run, else the eager step (with a
+    one-line reason)."""
+    if path != "fast":
+        return step
+    if device.type != "cuda":
+        say(f"--path fast: no CUDA device ({device}); running the eager step")
+        return step
+    if world_size > 1:
+        say("--path fast: CUDA-graph capture under DDP is not enabled yet; running the eager "
+            "step")
+        return step
+    return GraphStep(step, warmup=warmup, on_fallback=lambda r: say(f"--path fast: {r}"))
