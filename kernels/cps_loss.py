@@ -113,7 +113,8 @@ if HAVE_TRITON:
             ma, pa, ea, sa = softmax_stats(xa, BLOCK_C)
             mb, pb, eb, sb = softmax_stats(xb, BLOCK_C)
             # CE(a, argmax b) + CE(b, argmax a); pick() never dereferences the index
-            ce = (tl.log(sa) + ma - pick(xa, pb, BLOCK_C)) + (tl.log(sb) + mb - pick(xb, pa, BLOCK_C))
+            ce = ((tl.log(sa) + ma - pick(xa, pb, BLOCK_C))
+                  + (tl.log(sb) + mb - pick(xb, pa, BLOCK_C)))
             acc += tl.where(v, ce, 0.0)
             cnt += v.to(tl.int32)
             if WRITE_GRAD:   # off when no input needs a gradient: half the traffic
@@ -264,7 +265,8 @@ if HAVE_TRITON:
             raise ValueError(f"cps_loss: background_index {background_index} must be >= 0 or None")
         # the gradients are written only when autograd will need them (e.g. not for a
         # validation-time loss under torch.no_grad)
-        write_grad = torch.is_grad_enabled() and (logits_a.requires_grad or logits_b.requires_grad)
+        write_grad = torch.is_grad_enabled() and (logits_a.requires_grad
+                                                  or logits_b.requires_grad)
         out = cps_loss_op(logits_a, logits_b, valid, is_labeled, bg, write_grad)
         return out[0], out[1]
 

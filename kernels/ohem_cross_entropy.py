@@ -73,9 +73,9 @@ def ohem_cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor,
 # two histogram passes read 4 each; the loss pass reads 8; backward reads C*es + target +
 # 4 (key) and writes C*es. Cityscapes 16x19x800^2 bf16: 10.24 M px * (3*38 + 2 + 28) B
 # = 1.47 GB for forward + backward.
-from ._common import (AOT_VARIANTS, HAVE_TRITON, INT32_MAX, check_logits, check_runnable,  # noqa: E402
-                      define_op, empty_like_prepared, finalize_aot_spec, finalize_mean,
-                      prepare_logits, rows_variant, tile_config)
+from ._common import (AOT_VARIANTS, HAVE_TRITON, INT32_MAX, check_logits,  # noqa: E402
+                      check_runnable, define_op, empty_like_prepared, finalize_aot_spec,
+                      finalize_mean, prepare_logits, rows_variant, tile_config)
 
 RADIX_BITS = 10
 NBINS = 1 << RADIX_BITS        # 1024 real bins per digit
