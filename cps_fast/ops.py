@@ -89,6 +89,12 @@ def _runs_on(backend: str, device_type: str) -> bool:
     return True
 
 
+def implements(op: str, backend: str) -> bool:
+    """Whether ``backend`` (loaded on demand) has an implementation of ``op``."""
+    return backend == "auto" or (backend in BACKENDS and _load_backend(backend) is None
+                                 and backend in _IMPLS[op])
+
+
 def resolve(op: str, backend: str, device_type: str) -> Callable:
     """The implementation of ``op`` for ``backend`` ("auto" picks the first available)."""
     if backend == "auto":
@@ -128,6 +134,8 @@ def check_logits_target(op: str, logits: torch.Tensor, target: torch.Tensor,
         raise ValueError(f"{op}: target dtype {target.dtype} is not an integer type")
     if target.device != logits.device:
         raise ValueError(f"{op}: target on {target.device}, logits on {logits.device}")
+    if _is_compiling():
+        return  # a data-dependent branch would break torch.compile's graph
     if target.device.type == "cpu" or os.environ.get("CPS_FAST_CHECK_VALUES") == "1":
         # On CUDA this would sync the host: only in debug mode.
         bad = (target != ignore_index) & ((target < 0) | (target >= c))
@@ -135,6 +143,11 @@ def check_logits_target(op: str, logits: torch.Tensor, target: torch.Tensor,
             vals = torch.unique(target[bad])[:8].tolist()
             raise ValueError(f"{op}: target values {vals} outside [0, {c}) and not "
                              f"ignore_index={ignore_index}")
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
 
 def check_pair(op: str, a: torch.Tensor, b: torch.Tensor) -> None:

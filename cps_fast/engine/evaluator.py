@@ -80,6 +80,8 @@ def evaluate(nets: dict[str, nn.Module], batches: Iterable, cfg: EvalConfig, num
     was_training = {k: m.training for k, m in nets.items()}
     for m in nets.values():
         m.eval()
+    # The loss backend chosen for training may have no confusion-matrix kernel (Triton).
+    backend = backend if ops.implements("confusion_matrix", backend) else "auto"
     names = list(nets) + (["ensemble"] if ensemble and len(nets) == 2 else [])
     cms = {k: torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
            for k in names}

@@ -137,3 +137,28 @@ def test_resume_auto_starts_then_continues(make_config, tmp_path):
     first.run(stop_at=3)
     again = Trainer(cfg, tmp_path / "r", resume="auto", quiet=True)
     assert again.step == 3
+
+
+def test_triton_path_matches_reference_path(make_config, tmp_path):
+    """The trainer with the Triton kernels (interpreter on the CPU) against the references."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1")
+    torch.set_num_threads(1)
+    runs = {}
+    for kernels in ("torch", "triton"):
+        cfg = make_config("cps", **{"train.kernels": kernels, "train.iters": 3,
+                                    "optim.lr": 0.001, "eval.network": "a"})
+        trainer = Trainer(cfg, tmp_path / kernels, quiet=True)
+        start = _params(trainer)
+        trainer.run()
+        runs[kernels] = (start, _params(trainer), read_metrics(tmp_path / kernels))
+    start, ref, _ = runs["torch"]
+    got = runs["triton"][1]
+    moved = torch.sqrt(sum(((r - s) ** 2).sum() for r, s in zip(ref, start)))
+    diff = torch.sqrt(sum(((g - r) ** 2).sum() for g, r in zip(got, ref)))
+    # Equal up to summation order (amplified a little by the argmax pseudo-labels).
+    assert float(moved) > 0 and float(diff) < 1e-2 * float(moved), (float(diff), float(moved))
+    la = [r["loss"] for r in runs["torch"][2] if r["kind"] == "train"]
+    lb = [r["loss"] for r in runs["triton"][2] if r["kind"] == "train"]
+    assert lb == pytest.approx(la, rel=1e-4)

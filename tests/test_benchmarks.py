@@ -1,0 +1,27 @@
+"""The benchmark scripts' CPU smoke modes run and write well-formed records."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = {"benchmark", "variant", "preset", "device", "commit", "torch", "triton",
+            "median_ms", "spread_ms", "images_per_s", "mfu"}
+
+
+def test_throughput_quick(tmp_path):
+    out = tmp_path / "tp.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
+                        "--quick", "--steps", "1", "--reps", "2",
+                        "--variants", "eager_fp32,eager_amp_cl,graph_fused", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["variant"] for x in recs] == ["eager_fp32", "eager_amp_cl", "graph_fused"]
+    for rec in recs:
+        assert "failed" not in rec, rec.get("failed")
+        assert REQUIRED <= set(rec), REQUIRED - set(rec)
+        assert rec["device"] == "cpu" and rec["median_ms"] > 0 and rec["flops_per_step"] > 0
+    assert "CUDA graphs need a GPU" in recs[-1]["note"]
+    assert "| voc | eager_fp32 |" in r.stdout
