@@ -8,6 +8,9 @@ Environment knobs:
   CPS_FAST_CUDA_ARCHS=80;90  target architectures; each gets SASS, the last one also PTX
                              (entries with -real / -virtual are passed to CMake as they are)
   CPS_FAST_BUILD_JOBS=N      parallel compile jobs (default: the CPU count)
+  CPS_FAST_HOST_ARCH=auto    -march for the host C++ loops: auto (default) = x86-64-v3 (AVX2,
+                             FMA) when the building CPU has it, else the compiler default;
+                             none = compiler default; anything else is passed to -march
   CUDACXX / CUDA_HOME        where nvcc is, if it is not on PATH
 
 Whether nvcc exists decides the CUDA part, never whether a GPU is present. A failed build
@@ -77,6 +80,28 @@ def _cuda_archs() -> str:
         else:
             out.append(a + "-real")
     return ";".join(out)
+
+
+def _host_march() -> str:
+    """The -march of the host code: the build machine is the machine that runs it."""
+    want = os.environ.get("CPS_FAST_HOST_ARCH", "auto").strip()
+    if want.lower() in ("", "none", "default", "0"):
+        return ""
+    if want.lower() != "auto":
+        return want
+    try:
+        if sysconfig.get_platform().endswith("x86_64"):
+            flags = set()
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+            if {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"} <= flags:
+                return "x86-64-v3"
+    except OSError:
+        pass
+    return ""
 
 
 def summarize_ptxas(log: str) -> tuple[str, int]:
@@ -171,6 +196,7 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             # CMake >= 4 refuses packages declaring support for < 3.5 (older pybind11 configs)
             "-DCMAKE_POLICY_VERSION_MINIMUM=3.5",
+            f"-DCPS_FAST_HOST_MARCH={_host_march()}",
         ]
         ninja = shutil.which("ninja")
         if ninja is None:
@@ -202,8 +228,8 @@ class CMakeBuild(build_ext):
                 (d / "ptxas_summary.txt").write_text(summary)
             if spills:
                 _notice(f"ptxas reports {spills} bytes of register spills (build/ptxas_summary.txt)")
-        _notice(f"built {ext.name} ({'host + CUDA ' + _cuda_archs() if nvcc else 'host only'}), "
-                f"stamp {stamp}")
+        _notice(f"built {ext.name} ({'host + CUDA ' + _cuda_archs() if nvcc else 'host only'}, "
+                f"host -march={_host_march() or 'default'}), stamp {stamp}")
 
 
 def _cmake_exe() -> str:

@@ -177,8 +177,16 @@ def _(logits, target, ignore_index, need_grad):
                                           else logits.new_empty(0))
 
 
+def _no_zero_grads(ctx, outputs) -> None:
+    # inv_count, the gradient buffers and the stats carry no gradient: without this, autograd
+    # would materialise a zero tensor the size of the logits for each of them in backward.
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
+
+
 def _save_grads(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
+    _no_zero_grads(ctx, output[1:])
 
 
 def _scaled(g: Tensor, s: Tensor):
@@ -188,6 +196,8 @@ def _scaled(g: Tensor, s: Tensor):
 
 
 def _ce_backward(ctx, g_loss, g_inv, g_grad):
+    if g_loss is None:
+        return None, None, None, None
     inv, g = ctx.saved_tensors
     return _scaled(g, g_loss * inv), None, None, None
 
@@ -225,6 +235,8 @@ def _(logits, target, thresh, min_kept, ignore_index, need_grad):
 
 
 def _ohem_backward(ctx, g_loss, g_inv, g_grad):
+    if g_loss is None:
+        return None, None, None, None, None, None
     inv, g = ctx.saved_tensors
     return _scaled(g, g_loss * inv), None, None, None, None, None
 
@@ -269,9 +281,12 @@ def _(a, b, valid, is_labeled, background_index, need_a, need_b):
 
 def _cps_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[3], output[4])
+    _no_zero_grads(ctx, output[1:])
 
 
 def _cps_backward(ctx, g_loss, g_inv, g_stats, g_ga, g_gb):
+    if g_loss is None:
+        return None, None, None, None, None, None, None
     inv, ga, gb = ctx.saved_tensors
     s = g_loss * inv
     da = _scaled(ga, s) if ctx.needs_input_grad[0] else None

@@ -48,8 +48,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CUDA_ARCHS") = std::string("");
 #endif
   m.attr("HAS_OPENMP") = bool(omp_available());
+#ifdef CPS_FAST_HOST_MARCH
+  m.attr("HOST_MARCH") = std::string(CPS_FAST_HOST_MARCH);
+#else
+  m.attr("HOST_MARCH") = std::string("");
+#endif
 
-  py::class_<View>(m, "View")
+  py::class_<View>(m, "View", py::module_local())
       .def(py::init(&make_view), py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("sN"),
            py::arg("sC"), py::arg("sP"))
       .def_readonly("N", &View::N)
