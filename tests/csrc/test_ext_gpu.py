@@ -79,8 +79,9 @@ def test_ohem_cuda(dtype, min_kept, thresh):
     _close(g, g_ref, TOL[dtype], "grad")
 
 
-def test_ohem_cuda_matches_host_bitwise_selection():
-    # Same selection as the host path on the same fp32 inputs (exact k-th key).
+def test_ohem_cuda_matches_host():
+    # Same rule as the host path on the same fp32 inputs (keys may differ by an ulp or two:
+    # __fdividef and expf there, the polynomial exp here), so the losses agree closely.
     shape = (2, 19, 50, 70)
     x = _rand(shape, torch.float32, 5)
     t = _target(shape, 19, 6)
