@@ -10,7 +10,7 @@ network has to learn something, and labels matter:
 
 - every object has random colours (colour says nothing about the class); each class has
   its own shape and its own texture family (disc + polka dots, square + checkerboard,
-  triangle + stripes, ring + cross-hatch, blob + wavy stripes) with random period and
+  triangle + stripes, ring + cross-hatch, blob + speckle) with random period and
   orientation;
 - the background is cluttered: smooth random-colour noise, random lines, and distractors
   that share one cue with a class but not both (class shapes filled with background-like
@@ -38,7 +38,7 @@ from .datasets import DatasetInfo, voc_palette
 SYNTHETIC_VERSION = 1   # the dataset's name (synthetic-v1)
 # Bumped whenever the generator's output changes: a set from an older generator is then
 # regenerated in place instead of silently mixing with, or standing in for, the new one.
-GENERATOR_REVISION = 2
+GENERATOR_REVISION = 3
 SYNTHETIC_CLASS_NAMES = ("background", "disc", "square", "triangle", "ring", "blob")
 SYNTHETIC_NUM_CLASSES = len(SYNTHETIC_CLASS_NAMES)
 MARKER = "COMPLETE.json"
@@ -67,24 +67,30 @@ def _rotated(x, y, angle):
 
 
 def _texture(kind: str, x, y, rng) -> np.ndarray:
-    """Mixing weight in [0, 1] for texture ``kind`` at pixel coordinates (x, y)."""
+    """Mixing weight in [0, 1] for texture ``kind`` at pixel coordinates (x, y).
+
+    The families differ in spatial frequency as well as in pattern (big dots, fine checks,
+    medium stripes, coarse hatching, pixel speckle), which a small network picks up much
+    sooner than pattern alone; orientation and period are still random per object.
+    """
     u, v = _rotated(x, y, rng.uniform(0, np.pi))
     if kind == "dots":
-        p = rng.uniform(8, 12)
+        p = rng.uniform(11, 14)
         du, dv = np.mod(u, p) - p / 2, np.mod(v, p) - p / 2
         return (du * du + dv * dv < (0.3 * p) ** 2).astype(np.float32)
     if kind == "checker":
-        p = rng.uniform(5, 9)
+        p = rng.uniform(3.5, 5)
         return (np.mod(np.floor(u / p) + np.floor(v / p), 2)).astype(np.float32)
     if kind == "stripes":
-        p = rng.uniform(7, 11)
+        p = rng.uniform(8, 11)
         return (np.mod(u, p) < p / 2).astype(np.float32)
     if kind == "hatch":
-        p = rng.uniform(8, 12)
+        p = rng.uniform(9, 13)
         return ((np.mod(u, p) < 0.3 * p) | (np.mod(v, p) < 0.3 * p)).astype(np.float32)
-    if kind == "wavy":
-        p, q = rng.uniform(7, 11), rng.uniform(12, 20)
-        return (np.sin(2 * np.pi * u / p + 2.0 * np.sin(2 * np.pi * v / q)) > 0).astype(np.float32)
+    if kind == "speckle":  # random 2x2-pixel cells
+        h, w = x.shape
+        cells = (rng.random(((h + 1) // 2, (w + 1) // 2)) < 0.5).astype(np.float32)
+        return np.repeat(np.repeat(cells, 2, 0), 2, 1)[:h, :w]
     raise ValueError(kind)
 
 
@@ -126,7 +132,7 @@ def _shape_mask(kind: str, dx, dy, r: float, rng) -> np.ndarray:
 
 # class index -> (shape, texture)
 _CLASSES = {1: ("disc", "dots"), 2: ("square", "checker"), 3: ("triangle", "stripes"),
-            4: ("ring", "hatch"), 5: ("blob", "wavy")}
+            4: ("ring", "hatch"), 5: ("blob", "speckle")}
 _SHAPES = [s for s, _ in _CLASSES.values()]
 _TEXTURES = [t for _, t in _CLASSES.values()]
 
