@@ -27,8 +27,11 @@ def _open_loaded(path: str) -> Image.Image:
         raise DataError(f"{path}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; "
                         "cps_fast refuses to read possibly truncated images")
     try:
-        img = Image.open(path)
-        img.load()  # force the whole decode: truncated or corrupt data fails here
+        # We own the file handle, so it is closed on every path, errors included; after
+        # load() the pixels are in memory and the image no longer needs the file.
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()  # force the whole decode: truncated or corrupt data fails here
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

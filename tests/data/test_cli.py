@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -47,8 +48,8 @@ def test_check_reports_every_problem(tmp_path, capsys):
     sp = build_splits(DataConfig(dataset="voc", num_classes=21, root=str(tmp_path), split="1/2"))
     # 1. truncated image; 2. label out of range; 3. size mismatch; 4. list naming unknown ids.
     img = sp.unlabeled[0].image
-    data = open(img, "rb").read()
-    open(img, "wb").write(data[: len(data) // 2])
+    data = Path(img).read_bytes()
+    Path(img).write_bytes(data[: len(data) // 2])
     bad = np.zeros((20, 28), np.uint8)
     bad[3, 3] = 99
     save_label(sp.labeled[0].label, bad)
@@ -93,7 +94,8 @@ def test_preview_writes_pngs(tmp_path, capsys):
                  "--set", "data.crop_size=32"]) == 0
     files = sorted(os.listdir(out))
     assert files == ["preview_000.png", "preview_001.png", "preview_002.png"]
-    assert Image.open(out / files[0]).size == (32 * 2 + 4, 32)
+    with Image.open(out / files[0]) as im:
+        assert im.size == (32 * 2 + 4, 32)
 
 
 def test_prepare_synthetic_and_cityscapes_trainids(tmp_path, capsys):
@@ -107,4 +109,5 @@ def test_prepare_synthetic_and_cityscapes_trainids(tmp_path, capsys):
     sp = build_splits(DataConfig(dataset="cityscapes", num_classes=19, root=str(tmp_path / "city")))
     assert sp.info.label_lut is None  # every image now has trainIds
     s = sp.labeled[0]
-    np.testing.assert_array_equal(np.asarray(Image.open(s.label)), expected[s.id])
+    with Image.open(s.label) as im:
+        np.testing.assert_array_equal(np.asarray(im), expected[s.id])

@@ -93,7 +93,7 @@ def test_cityscapes_official_prefers_trainids(tmp_path):
 def test_cityscapes_cps_tree_with_official_style_lists(tmp_path):
     make_cityscapes_cps(tmp_path)
     lists = tmp_path / "config_new"
-    train_lines = open(lists / "train.txt", newline="").read().split("\r\n")
+    train_lines = (lists / "train.txt").read_bytes().decode().split("\r\n")
     write_lines(str(lists / "subset_train" / "train_aug_labeled_1-4.txt"), train_lines[:2], "\r\n")
     write_lines(str(lists / "subset_train" / "train_aug_unlabeled_1-4.txt"),
                 [ln for ln in train_lines[2:] if ln], "\r\n")
@@ -273,7 +273,8 @@ def test_official_voc_lists(tag, lab, unl):
 @needs_official
 def test_official_pseudoseg_lists_with_crlf():
     p = os.path.join(OFFICIAL_SPLITS, "pascal_voc", "subset_train_aug", "pseudoseg_labeled_1-8.txt")
-    assert b"\r\n" in open(p, "rb").read()
+    with open(p, "rb") as f:
+        assert b"\r\n" in f.read()
     ids = [e.id for e in read_list(p)]
     assert len(ids) == 183 and all("\r" not in i and i == i.strip() for i in ids)
 

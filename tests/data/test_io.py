@@ -50,7 +50,8 @@ def test_garbage_and_missing_files(tmp_path):
 def test_palette_label_read_as_indices(tmp_path):
     lab = np.array([[0, 1, 2], [15, 20, 255]], np.uint8)
     save_label(str(tmp_path / "p.png"), lab, palette=True)
-    assert Image.open(tmp_path / "p.png").mode == "P"
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.mode == "P"
     out = read_label(str(tmp_path / "p.png"), None, 21, 255)
     np.testing.assert_array_equal(out, lab)
     assert out.dtype == np.uint8

@@ -1,6 +1,7 @@
 """The built-in synthetic dataset: deterministic, complete, redone when interrupted."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def files(root):
     for d, _, fs in os.walk(root):
         for f in fs:
             p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = open(p, "rb").read()
+            out[os.path.relpath(p, root)] = Path(p).read_bytes()
     return out
 
 
@@ -32,7 +33,7 @@ def test_generation_is_deterministic_and_complete(tmp_path):
     assert len([k for k in fa if k.startswith("SegmentationClass")]) == 9
     assert not any(".tmp" in k for k in fa)
     assert is_complete(a) and is_complete(a, 6, 3, 1) and not is_complete(a, 7, 3, 1)
-    train = open(os.path.join(a, "ImageSets", "Segmentation", "train.txt")).read().split()
+    train = Path(a, "ImageSets", "Segmentation", "train.txt").read_text().split()
     assert train == [f"train_{i:05d}" for i in range(6)]
     c = generate_synthetic(str(tmp_path / "c"), n_train=6, n_val=3, seed=2)
     assert files(c)["JPEGImages/train_00000.jpg"] != fa["JPEGImages/train_00000.jpg"]
@@ -42,12 +43,12 @@ def test_interrupted_generation_is_redone(tmp_path):
     root = str(tmp_path / "s")
     generate_synthetic(root, 4, 2, 0)
     img = os.path.join(root, "JPEGImages", "train_00003.jpg")
-    before = open(img, "rb").read()
+    before = Path(img).read_bytes()
     os.remove(os.path.join(root, MARKER))  # as if killed before the marker was written
     os.remove(img)
     ensure_synthetic(root, 4, 2, 0, verbose=False)  # no marker: regenerates
     assert is_complete(root, 4, 2, 0)
-    assert open(img, "rb").read() == before  # same seed, same image
+    assert Path(img).read_bytes() == before  # same seed, same image
 
 
 def test_complete_set_is_reused(tmp_path):
@@ -63,9 +64,9 @@ def test_set_from_an_older_generator_is_regenerated(tmp_path):
     root = str(tmp_path / "s")
     generate_synthetic(root, 2, 1, 0)
     marker = os.path.join(root, MARKER)
-    meta = json.load(open(marker))
+    meta = json.loads(Path(marker).read_text())
     meta["revision"] -= 1
-    json.dump(meta, open(marker, "w"))
+    Path(marker).write_text(json.dumps(meta))
     assert not is_complete(root)
     ensure_synthetic(root, 2, 1, 0, verbose=False)
     assert is_complete(root, 2, 1, 0)
@@ -111,6 +112,7 @@ def test_build_splits_on_synthetic(tmp_path):
     assert len(sp.labeled) == 2 and len(sp.unlabeled) == 14 and len(sp.val) == 4
     assert sp.info.name == "synthetic" and sp.info.class_names == SYNTHETIC_CLASS_NAMES
     assert sp.info.background_index == 0 and sp.info.palette.shape == (6, 3)
-    assert Image.open(sp.labeled[0].label).mode == "P"
+    with Image.open(sp.labeled[0].label) as im:
+        assert im.mode == "P"
     with pytest.raises(ConfigError, match="data.num_classes"):
         build_splits(DataConfig(dataset="synthetic", num_classes=21, root=root))
