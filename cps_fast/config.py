@@ -35,7 +35,7 @@ class DataConfig:
     unlabeled_list: Optional[str] = None
     val_list: Optional[str] = None
     split_seed: int = 0                 # seed of generated partitions
-    num_classes: int = 21
+    num_classes: int = 6                # the synthetic set's; presets set 21 (VOC) and 19
     ignore_index: int = 255
     crop_size: int = 512
     scales: tuple = PAPER_SCALES        # one scale drawn per sample
@@ -112,12 +112,15 @@ class LossConfig:
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 50000          # per process batch
     cps_weight: float = 1.5             # lambda
+    cps_rampup: int = 0                 # iterations of sigmoid ramp-up of lambda (0: constant,
+                                        # as the paper, whose networks start pretrained)
 
     def __post_init__(self):
         _check(self.supervised in ("ce", "ohem"), "loss.supervised", "ce or ohem")
         _check(0 < self.ohem_thresh <= 1, "loss.ohem_thresh", "in (0, 1]")
         _check(self.ohem_min_kept >= 1, "loss.ohem_min_kept", "must be >= 1")
         _check(self.cps_weight >= 0, "loss.cps_weight", "must be >= 0")
+        _check(self.cps_rampup >= 0, "loss.cps_rampup", "must be >= 0")
 
 
 @dataclass

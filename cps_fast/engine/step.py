@@ -38,6 +38,8 @@ class CPSObjective(nn.Module):
         self.nets = nn.ModuleList(nets)
         self.method = cfg.train.method
         self.cps_weight = cfg.loss.cps_weight
+        self.cps_rampup = cfg.loss.cps_rampup
+        self.step_t: Optional[torch.Tensor] = None  # the optimiser's device step counter
         self.loss_cfg = cfg.loss
         self.ignore_index = cfg.data.ignore_index
         self.backend = cfg.train.kernels
@@ -67,6 +69,14 @@ class CPSObjective(nn.Module):
                                           self.loss_cfg.ohem_min_kept, self.ignore_index,
                                           backend=self.backend)
         return ops.cross_entropy(logits, target, self.ignore_index, backend=self.backend)
+
+    def cps_lambda(self, device: torch.device):
+        """lambda, or lambda * exp(-5 (1 - t)^2) with t = step / rampup (the Mean-Teacher
+        sigmoid ramp-up), computed on the device from the step counter: graph-safe."""
+        if self.cps_rampup <= 0 or self.step_t is None:
+            return self.cps_weight
+        t = (self.step_t.to(torch.float32) / self.cps_rampup).clamp(0.0, 1.0)
+        return self.cps_weight * torch.exp(-5.0 * (1.0 - t) ** 2)
 
     # ------------------------------------------------------------------ losses
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,7 +122,7 @@ class CPSObjective(nn.Module):
                                            backend=self.backend))
                 la, lb = self._fwd(net_a, img), self._fwd(net_b, img)
                 sup_a, sup_b = self._sup(la, label), self._sup(lb, label)
-            loss = sup_a + sup_b + self.cps_weight * cps
+            loss = sup_a + sup_b + self.cps_lambda(device) * cps
         return {"loss": loss, "sup_a": sup_a, "sup_b": sup_b, "cps": cps, "stats": stats}
 
 
@@ -134,6 +144,7 @@ class TrainStep:
         self.device = device
         self.method = cfg.train.method
         self.objective = CPSObjective(nets, cfg, background_index, cutmix_generator)
+        self.objective.step_t = optim.step_t
         self.module = wrap(self.objective) if wrap is not None else self.objective
         self.reduce_flag = reduce_flag
         self.amp_dtype = self.objective.amp_dtype

@@ -1,5 +1,7 @@
 """The step function on its own: both methods learn, statistics, non-finite skipping."""
 
+import math
+
 import pytest
 import torch
 
@@ -84,3 +86,15 @@ def test_bf16_autocast_step_is_finite():
     _, _, step = _setup("cps", **{"train.amp": "bf16"})
     out = step(_batch())
     assert torch.isfinite(out["loss"]) and float(out["nonfinite"]) == 0.0
+
+
+def test_cps_rampup_follows_the_device_step_counter():
+    _, _, step = _setup("cps", **{"loss.cps_rampup": 100})
+    lam = step.objective.cps_lambda
+    assert float(lam(torch.device("cpu"))) == pytest.approx(1.5 * math.exp(-5.0))
+    step.optim.step_t.fill_(50)
+    assert float(lam(torch.device("cpu"))) == pytest.approx(1.5 * math.exp(-5.0 * 0.25))
+    step.optim.step_t.fill_(400)
+    assert float(lam(torch.device("cpu"))) == pytest.approx(1.5)
+    _, _, flat = _setup("cps")
+    assert flat.objective.cps_lambda(torch.device("cpu")) == 1.5
