@@ -35,7 +35,7 @@ class DataConfig:
     unlabeled_list: Optional[str] = None
     val_list: Optional[str] = None
     split_seed: int = 0                 # seed of generated partitions
-    num_classes: int = 6                # the synthetic set's; presets set 21 (VOC) and 19
+    num_classes: int = 6                # the synthetic set; the VOC and Cityscapes presets set 21, 19
     ignore_index: int = 255
     crop_size: int = 512
     scales: tuple = PAPER_SCALES        # one scale drawn per sample
