@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     splits = build_splits(cfg.data)
     if args.network in ("a", "b"):
         nets = {args.network: nets[args.network]}
-    val = iterate_val(splits.val, splits.info, cfg.data, max_images=args.max_images)
+    val = iterate_val(splits.val, splits.info, cfg.data, max_images=args.max_images,
+                      device=device)
     n = len(splits.val) if args.max_images is None else min(args.max_images, len(splits.val))
     bar = Progress(n, desc="eval")
     cms = evaluate(nets, val, cfg.eval, splits.info.num_classes, cfg.data.ignore_index, device,

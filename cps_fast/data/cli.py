@@ -124,8 +124,13 @@ def cmd_preview(args) -> int:
     d = cfg.apply_overrides(["data.num_workers=0"]).data
     sp = build_splits(d)
     samples = sp.labeled if args.stream == "labeled" else sp.unlabeled
-    stream = TrainStream(samples, sp.info, d, 1, args.seed, args.stream,
-                         with_labels=args.stream == "labeled")
+    if d.loader == "dali":  # the same samples and draws through the DALI pipeline
+        from .dali import DaliTrainStream
+        stream = DaliTrainStream(samples, sp.info, d, 1, args.seed, args.stream,
+                                 with_labels=args.stream == "labeled", device="cpu")
+    else:
+        stream = TrainStream(samples, sp.info, d, 1, args.seed, args.stream,
+                             with_labels=args.stream == "labeled")
     os.makedirs(args.out, exist_ok=True)
     for i in range(args.n):
         b = next(stream)

@@ -235,7 +235,7 @@ class TrainStream:
 
 
 def build_train_streams(cfg: DataConfig, splits: Splits, seed: int, method: str,
-                        rank: int = 0, world_size: int = 1) -> dict:
+                        rank: int = 0, world_size: int = 1, device=None) -> dict:
     """Streams for one run: "labeled" always; "unlabeled" for cps and cps-cutmix;
     "unlabeled2" (a second, independent unlabeled stream) for cps-cutmix."""
     if cfg.loader == "dali":
@@ -244,7 +244,8 @@ def build_train_streams(cfg: DataConfig, splits: Splits, seed: int, method: str,
         except ImportError as e:
             raise ConfigError(f"data.loader=dali: NVIDIA DALI is not installed or cannot be "
                               f"imported ({e}); use data.loader=torch") from None
-        return build_dali_streams(cfg, splits, seed, method, rank, world_size)
+        # device: where the DALI pipeline runs and delivers (the training device).
+        return build_dali_streams(cfg, splits, seed, method, rank, world_size, device=device)
     if method not in ("cps", "cps-cutmix", "supervised"):
         raise ConfigError(f"train.method: unknown method {method!r}")
     if not splits.labeled:
@@ -297,7 +298,8 @@ def _unwrap_val(item):
 
 
 def iterate_val(samples, info: Optional[DatasetInfo] = None, cfg: Optional[DataConfig] = None,
-                max_images: Optional[int] = None, num_workers: Optional[int] = None):
+                max_images: Optional[int] = None, num_workers: Optional[int] = None,
+                device=None):
     """Yield ``(image (1,3,H,W) float32, label (1,H,W) int64 or None, sample_id)`` at full
     resolution, in list order. ``samples`` may be a list of Samples or a ``Splits`` (its
     ``val``). ``max_images`` defaults to ``cfg.val_max_images``."""
@@ -306,6 +308,11 @@ def iterate_val(samples, info: Optional[DatasetInfo] = None, cfg: Optional[DataC
         samples = samples.val
     if info is None or cfg is None:
         raise TypeError("iterate_val needs info and cfg")
+    if cfg.loader == "dali":
+        # Not DataLoader workers forked after DALI's threads started: DALI's own pipeline.
+        from .dali import iterate_val_dali
+        yield from iterate_val_dali(samples, info, cfg, max_images, device=device)
+        return
     limit = max_images if max_images is not None else cfg.val_max_images
     samples = list(samples)[:limit] if limit is not None else list(samples)
     ds = _ValDataset(samples, info, cfg)

@@ -113,7 +113,8 @@ class Trainer:
                 raise CpsFastError(f"data check found {len(problems)} problem(s): {shown}{more} "
                                    f"-- run `python -m cps_fast.data check` for the full list")
         self.streams = build_train_streams(cfg.data, self.splits, cfg.train.seed,
-                                           cfg.train.method, rank, world_size)
+                                           cfg.train.method, rank, world_size,
+                                           device=self.device)
         self.total_iters = presets.iterations(cfg, len(self.splits.labeled),
                                               len(self.splits.unlabeled), world_size)
 
@@ -327,7 +328,7 @@ class Trainer:
         nets = {k: self.nets["ab".index(k)] for k in names}
         samples = self.splits.val[:cfg.data.val_max_images]
         samples = samples[self.rank::self.world_size]  # each rank evaluates its share
-        val = iterate_val(samples, self.info, cfg.data, max_images=None)
+        val = iterate_val(samples, self.info, cfg.data, max_images=None, device=self.device)
         n_val = len(samples)
         bar = Progress(n_val, desc="eval", enabled=self.is_main and not self.quiet)
         cms = evaluate(nets, val, cfg.eval, self.info.num_classes, cfg.data.ignore_index,
