@@ -51,7 +51,7 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .dali_host import HostSample, check_label_batch, find_bad_file, prepare_sample
 from .datasets import DatasetInfo, Splits
-from .loader import epoch_permutation, sample_rng, shard_positions
+from .loader import StreamPosition, epoch_permutation, sample_rng, shard_positions
 
 try:  # the PyTorch loader's batch-key sampler: the same run-on-across-epochs batching
     from .loader import _KeySampler
@@ -231,7 +231,7 @@ class _Pending:
 # --------------------------------------------------------------------------- train stream
 
 
-class DaliTrainStream:
+class DaliTrainStream(StreamPosition):
     """The ``TrainStream`` contract (loader.py) on a DALI pipeline.
 
     ``next()`` returns ``{"image": (B,3,c,c), "label": (B,c,c)}`` (no "label" without
@@ -456,9 +456,7 @@ class DaliTrainStream:
             raise
         self._pipe.release_outputs()
         self.last_samples, self.last_params = pending.samples, pending.params
-        self._pos += self.batch_size
-        self._epoch += self._pos // self._shard_len
-        self._pos %= self._shard_len
+        self._advance()
         try:
             self._feed_one()
             self._pipe.schedule_run()
@@ -471,33 +469,8 @@ class DaliTrainStream:
         return result
 
     # ---------------------------------------------------------------- contract
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict:
         return self.next_into(None)
-
-    @property
-    def epoch(self) -> int:
-        """Epochs completed over this rank's shard of the split."""
-        return self._epoch
-
-    @property
-    def batches_per_epoch(self) -> float:
-        return self._shard_len / self.batch_size
-
-    def __len__(self) -> int:
-        return self._shard_len
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "position": self._pos}
-
-    def load_state_dict(self, d: dict) -> None:
-        epoch, pos = int(d["epoch"]), int(d["position"])
-        if epoch < 0 or not 0 <= pos < self._shard_len:
-            raise DataError(f"{self.name} stream: bad state {d} (shard of {self._shard_len})")
-        self.close()  # drop what DALI and the host had prefetched
-        self._epoch, self._pos = epoch, pos
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Indices (into the sample list) of this rank's shard of ``epoch``, in order."""

@@ -146,54 +146,24 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-class TrainStream:
-    """An infinite, deterministic, resumable iterator of augmented batches of one split."""
+class StreamPosition:
+    """The state both stream kinds (this PyTorch one and DALI's) share: ``(epoch, position
+    in this rank's shard)`` of the next sample, advanced only for batches returned."""
 
-    def __init__(self, samples, info: DatasetInfo, cfg: DataConfig, batch_size: int, seed: int,
-                 name: str, with_labels: bool = True, rank: int = 0, world_size: int = 1):
-        if not samples:
-            raise DataError(f"{name}: no samples to stream")
-        if batch_size < 1:
-            raise ConfigError(f"data: {name} batch size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank {rank} is outside world size {world_size}")
-        self.name, self.batch_size, self.num_workers = name, batch_size, cfg.num_workers
-        self.with_labels = with_labels
-        self._dataset = _TrainDataset(samples, info, cfg, seed, name, with_labels)
-        self._sampler = _KeySampler(len(samples), batch_size, rank, world_size)
-        self._shard_len = len(self._sampler.positions)
-        self._epoch, self._pos = 0, 0
-        self._it = None
-        self._loader = None
+    name: str
+    batch_size: int
+    _shard_len: int
+    _epoch: int = 0
+    _pos: int = 0
 
-    # ---------------------------------------------------------------- iteration
     def __iter__(self):
         return self
 
-    def _start(self):
-        self._sampler.start = (self._epoch, self._pos)
-        workers = self.num_workers
-        self._loader = DataLoader(
-            self._dataset, batch_sampler=self._sampler, num_workers=workers,
-            collate_fn=_collate, pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0, worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=2 if workers else None)
-        self._it = iter(self._loader)
-
-    def __next__(self) -> dict:
-        if self._it is None:
-            self._start()
-        batch = next(self._it)
-        if "error" in batch:
-            msg = batch["error"]
-            self.close()  # the prefetch queue is now out of step; a retry restarts cleanly
-            raise DataError(msg)
+    def _advance(self) -> None:
         self._pos += self.batch_size
         self._epoch += self._pos // self._shard_len
         self._pos %= self._shard_len
-        return batch
 
-    # ---------------------------------------------------------------- state
     @property
     def epoch(self) -> int:
         """Epochs completed over this rank's shard of the split."""
@@ -214,9 +184,53 @@ class TrainStream:
         epoch, pos = int(d["epoch"]), int(d["position"])
         if epoch < 0 or not 0 <= pos < self._shard_len:
             raise DataError(f"{self.name} stream: bad state {d} (shard of {self._shard_len})")
-        self.close()  # drop batches prefetched from the old position
+        self.close()  # drop whatever was prefetched from the old position
         self._epoch, self._pos = epoch, pos
 
+
+class TrainStream(StreamPosition):
+    """An infinite, deterministic, resumable iterator of augmented batches of one split."""
+
+    def __init__(self, samples, info: DatasetInfo, cfg: DataConfig, batch_size: int, seed: int,
+                 name: str, with_labels: bool = True, rank: int = 0, world_size: int = 1):
+        if not samples:
+            raise DataError(f"{name}: no samples to stream")
+        if batch_size < 1:
+            raise ConfigError(f"data: {name} batch size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world size {world_size}")
+        self.name, self.batch_size, self.num_workers = name, batch_size, cfg.num_workers
+        self.with_labels = with_labels
+        self._dataset = _TrainDataset(samples, info, cfg, seed, name, with_labels)
+        self._sampler = _KeySampler(len(samples), batch_size, rank, world_size)
+        self._shard_len = len(self._sampler.positions)
+        self._epoch, self._pos = 0, 0
+        self._it = None
+        self._loader = None
+
+    # ---------------------------------------------------------------- iteration
+    def _start(self):
+        self._sampler.start = (self._epoch, self._pos)
+        workers = self.num_workers
+        self._loader = DataLoader(
+            self._dataset, batch_sampler=self._sampler, num_workers=workers,
+            collate_fn=_collate, pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=2 if workers else None)
+        self._it = iter(self._loader)
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        if "error" in batch:
+            msg = batch["error"]
+            self.close()  # the prefetch queue is now out of step; a retry restarts cleanly
+            raise DataError(msg)
+        self._advance()
+        return batch
+
+    # ---------------------------------------------------------------- state
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """Indices (into the sample list) of this rank's shard of ``epoch``, in order."""
         perm = epoch_permutation(len(self._dataset), self._dataset.seed, self.name, epoch)
