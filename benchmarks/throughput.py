@@ -10,6 +10,8 @@ The ladder, each rung adding one thing to the one before (DESIGN.md section 9 na
   eager_amp_cl     + channels_last
   fused            + fused loss kernels (train.kernels=auto: Triton on the GPU)
   graph_fused      + the whole step replayed as one CUDA graph (--path fast)
+  ddp_ws1          the fused step inside DistributedDataParallel at world size 1 (the
+                   single-process overhead of DDP, against "fused")
   compile_default / compile_max_autotune / compile_reduce_overhead
                    torch.compile of the step's forward + losses (eager_amp_cl settings),
                    beside the ladder; a mode that fails to compile is recorded as failed
@@ -56,6 +58,7 @@ LADDER = {
     "eager_amp_cl": dict(amp="bf16", cl=True, kernels="torch", graph=False, compile=None),
     "fused": dict(amp="bf16", cl=True, kernels="auto", graph=False, compile=None),
     "graph_fused": dict(amp="bf16", cl=True, kernels="auto", graph=True, compile=None),
+    "ddp_ws1": dict(amp="bf16", cl=True, kernels="auto", graph=False, compile=None, ddp=True),
     "compile_default": dict(amp="bf16", cl=True, kernels="torch", graph=False, compile="default"),
     "compile_max_autotune": dict(amp="bf16", cl=True, kernels="torch", graph=False,
                                  compile="max-autotune"),
@@ -124,7 +127,10 @@ def build(cfg, device, variant):
         net = build_model(cfg.model, cfg.data.num_classes).to(device)
         nets.append(net.to(memory_format=torch.channels_last) if cfg.model.channels_last else net)
     opt = PolySGD(nets, cfg.optim, cfg.optim.lr, 10 ** 6, device)
-    step = TrainStep(nets, opt, cfg, 0, device, None)
+    wrap = None
+    if LADDER[variant].get("ddp"):
+        wrap = lambda m: ddp_world1(m, device)  # noqa: E731
+    step = TrainStep(nets, opt, cfg, 0, device, None, wrap=wrap)
     mode = LADDER[variant]["compile"]
     if mode is not None:
         step.module = torch.compile(step.objective, mode=mode)
@@ -133,6 +139,17 @@ def build(cfg, device, variant):
             return step, "CUDA graphs need a GPU: eager step timed instead"
         return GraphStep(step, warmup=3), None
     return step, None
+
+
+def ddp_world1(module, device):
+    """DDP over a one-process group (NCCL on the GPU, gloo on the CPU)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def count_flops(cfg, device, batch) -> float:

@@ -14,11 +14,11 @@ def test_throughput_quick(tmp_path):
     out = tmp_path / "tp.jsonl"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
                         "--quick", "--steps", "1", "--reps", "2",
-                        "--variants", "eager_fp32,eager_amp_cl,graph_fused", "--out", str(out)],
+                        "--variants", "eager_fp32,eager_amp_cl,ddp_ws1,graph_fused", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [x["variant"] for x in recs] == ["eager_fp32", "eager_amp_cl", "graph_fused"]
+    assert [x["variant"] for x in recs] == ["eager_fp32", "eager_amp_cl", "ddp_ws1", "graph_fused"]
     for rec in recs:
         assert "failed" not in rec, rec.get("failed")
         assert REQUIRED <= set(rec), REQUIRED - set(rec)
