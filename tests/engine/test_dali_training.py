@@ -43,6 +43,6 @@ def test_dali_and_torch_previews_agree(synth_root, tmp_path):
         assert data_main(["preview", "--data-root", synth_root, "--out", str(tmp_path / loader),
                           "-n", "1", "--set", "data.crop_size=48",
                           "--set", f"data.loader={loader}"]) == 0
-    a = torch.from_numpy(np.asarray(Image.open(tmp_path / "torch" / "preview_000.png"))).float()
-    b = torch.from_numpy(np.asarray(Image.open(tmp_path / "dali" / "preview_000.png"))).float()
+    a = torch.from_numpy(np.array(Image.open(tmp_path / "torch" / "preview_000.png"))).float()
+    b = torch.from_numpy(np.array(Image.open(tmp_path / "dali" / "preview_000.png"))).float()
     assert (a - b).abs().mean() < 8.0
