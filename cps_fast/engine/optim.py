@@ -62,6 +62,25 @@ class PolySGD:
         self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum,
                                          nesterov=False, **kw)
         self._host_step = 0  # only used by the non-fused fallback
+        self._init_momentum()
+
+    def _init_momentum(self) -> None:
+        """Zero momentum buffers for every parameter, before the first step.
+
+        torch's SGD creates them lazily in its first step, and the fused kernel allocates
+        them with ``empty_like`` and fills them only when that step is applied: a skipped
+        first step (``found_inf``: every fp16 run skips its first steps while the loss scale
+        settles) would leave uninitialised memory as momentum. Zeros are exactly the lazy
+        first step (dampening 0: buf = 0 * m + g = g), and they make the optimiser state
+        exist before a CUDA graph is captured."""
+        for group in self.optimizer.param_groups:
+            if group["momentum"] == 0:
+                continue
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
 
     def zero_grad(self) -> None:
         # set_to_none=False keeps gradient buffers allocated between steps (CUDA graphs).
@@ -104,6 +123,7 @@ class PolySGD:
 
     def load_state_dict(self, d: dict) -> None:
         self.optimizer.load_state_dict(d["optimizer"])
+        self._init_momentum()  # a checkpoint from before the first step has none
         if self.fused:
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr_t  # state_dict stores a copy; re-share the device tensor

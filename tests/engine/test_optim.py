@@ -63,3 +63,39 @@ def test_state_round_trip_restores_schedule():
     assert float(opt2.lr_t) == pytest.approx(0.01 * (1 - 5 / 20) ** 0.9)
     assert all(g["lr"] is opt2.lr_t for g in opt2.optimizer.param_groups) or not opt2.fused
     assert not math.isnan(float(opt2.lr_t))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skipped_first_step_leaves_no_garbage_momentum(fused):
+    """fp16 runs skip their first steps while the loss scale settles; torch's fused SGD
+    allocated its momentum with empty_like in such a step and never filled it. After a
+    skipped first step, the next applied step must equal a plain first SGD step."""
+    torch.manual_seed(0)
+    net, ref = _net(), _net()
+    ref.load_state_dict(net.state_dict())
+    cpu = torch.device("cpu")
+    opt = PolySGD([net], OptimConfig(), 0.1, 100, cpu)
+    if not fused:
+        opt.fused = False
+        for g in opt.optimizer.param_groups:
+            g["fused"], g["lr"] = False, 0.1
+    x = torch.randn(2, 3, 8, 8)
+    # Poison the allocator's free memory so that an uninitialised buffer shows.
+    junk = [torch.full_like(p, 1e30) for p in net.parameters()]
+    del junk
+    net(x).sum().backward()
+    opt.step(found_inf=torch.ones(()))          # skipped
+    opt.set_step(0)
+    opt.zero_grad()
+    net(x).sum().backward()
+    opt.step(found_inf=torch.zeros(()))         # the first applied step
+    plain = torch.optim.SGD(param_groups([ref], OptimConfig().weight_decay), lr=0.1,
+                            momentum=OptimConfig().momentum)
+    ref(x).sum().backward()
+    plain.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # and every momentum buffer exists from construction (graph capture needs no lazy state)
+    fresh = PolySGD([_net()], OptimConfig(), 0.1, 100, cpu)
+    assert all(fresh.optimizer.state[p]["momentum_buffer"] is not None
+               for g in fresh.optimizer.param_groups for p in g["params"])
