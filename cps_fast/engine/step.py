@@ -2,9 +2,10 @@
 
 ``TrainStep`` is the single step function both paths use: the eager path calls it
 directly; the fast path (CUDA graph) captures the very same call. It therefore never
-synchronises the host with the device: losses and statistics come back as device tensors,
-a non-finite loss skips the optimiser update on the device (``found_inf``), and the CutMix
-masks are drawn from a device generator.
+synchronises the host with the device: losses and statistics come back as device
+tensors, a non-finite loss or gradient skips the optimiser update on the device
+(``found_inf``) and restores the BatchNorm running statistics its forward pass had already
+moved, and the CutMix masks are drawn from a device generator.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class TrainStep:
         self.reduce_flag = reduce_flag
         self.amp_dtype = self.objective.amp_dtype
         self.scaler = DeviceLossScaler(device) if self.amp_dtype is torch.float16 else None
+        self.bn_guard = RunningStatsGuard(nets)
+        self._one = torch.ones((), dtype=torch.float32, device=device)
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.module(batch)
@@ -158,22 +161,78 @@ class TrainStep:
         for net in self.nets:
             net.train()
         self.optim.zero_grad()
+        self.bn_guard.save()
         out = self.losses(batch)
         loss = out["loss"].float()
-        nonfinite = (~torch.isfinite(loss)).to(torch.float32)
-        if self.reduce_flag is not None:
-            self.reduce_flag(nonfinite)  # max over ranks: all skip together
+        bad = (~torch.isfinite(loss)).to(torch.float32)
         if self.scaler is not None:
             (loss * self.scaler.scale).backward()
-            found = self.scaler.unscale_(self.nets)
-            self.optim.step(found_inf=torch.clamp_max(nonfinite + found, 1.0))
-            self.scaler.update(found)
+            # fp16 gradient overflow is the scaler's business (shrink the scale, skip the
+            # update), not a non-finite loss to report.
+            overflow = self.scaler.unscale_(self.nets)
         else:
             loss.backward()
-            self.optim.step(found_inf=nonfinite)
+            # A finite loss can still come with non-finite gradients: a NaN pixel that the
+            # OHEM selection drops (NaN <= thresh is false) still spreads through BN's
+            # backward. Reading every gradient once costs ~0.1% of a step.
+            bad = torch.clamp_max(bad + self._grads_nonfinite(), 1.0)
+            overflow = None
+        if self.reduce_flag is not None:
+            self.reduce_flag(bad)  # max over ranks: all skip together
+        self.bn_guard.restore_if(bad)  # after backward: BN saved its statistics for it
+        self.optim.step(found_inf=bad if overflow is None
+                        else torch.clamp_max(bad + overflow, 1.0))
+        if self.scaler is not None:
+            self.scaler.update(overflow)
+        nonfinite = bad
         out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
         out["nonfinite"] = nonfinite
         return out
+
+    def _grads_nonfinite(self) -> torch.Tensor:
+        """1.0 if any gradient holds a NaN or an inf (one fused pass over the gradients)."""
+        found = torch.zeros((), dtype=torch.float32, device=self.device)
+        grads = [p.grad for net in self.nets for p in net.parameters() if p.grad is not None]
+        if grads:
+            # Unscaling by exactly 1 leaves the gradients bit-identical.
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
+        return found
+
+
+class RunningStatsGuard:
+    """Undo a skipped step's BatchNorm running-statistics update, on the device.
+
+    The forward pass moves ``running_mean`` / ``running_var`` before the loss is known; one
+    NaN batch would leave them NaN for good (every later update mixes the NaN back in), and
+    evaluation with them. ``save`` copies them into one flat buffer (one kernel per dtype);
+    ``restore_if`` puts the copy back where the flag is set (a select, then one foreach copy):
+    a few small kernels per step, no host sync, graph-safe. ``num_batches_tracked`` still
+    counts the skipped pass; with a set BN momentum (ours) nothing reads it.
+    """
+
+    def __init__(self, nets: list[nn.Module]):
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for net in nets:
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                    for b in (m.running_mean, m.running_var):
+                        if b is not None:
+                            groups.setdefault(b.dtype, []).append(b)
+        self.groups = [(bufs, torch.empty(sum(b.numel() for b in bufs), dtype=dt,
+                                          device=bufs[0].device))
+                       for dt, bufs in groups.items()]
+
+    def save(self) -> None:
+        for bufs, flat in self.groups:
+            torch.cat([b.reshape(-1) for b in bufs], out=flat)
+
+    def restore_if(self, flag: torch.Tensor) -> None:
+        skip = flag > 0
+        for bufs, flat in self.groups:
+            now = torch.cat([b.reshape(-1) for b in bufs])
+            torch.where(skip, flat, now, out=now)
+            torch._foreach_copy_(bufs, [v.view_as(b) for v, b in
+                                        zip(now.split([b.numel() for b in bufs]), bufs)])
 
 
 class DeviceLossScaler:

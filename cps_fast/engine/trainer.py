@@ -306,12 +306,13 @@ class Trainer:
         if "overlap_all" in rec and rec["overlap_all"] == rec["overlap_all"]:
             msg += f" overlap {rec['overlap_all']:.3f}"
         if nonfinite:
-            msg += f" [{nonfinite} non-finite loss(es) in this interval, steps skipped; last at step {last_bad}]"
+            msg += (f" [{nonfinite} non-finite loss/gradient step(s) in this interval, skipped; "
+                    f"last at step {last_bad}]")
         progress.update(self.step, self.images_per_step * self.world_size, msg, force=True)
         self._reset_acc()
         if consec >= self.cfg.train.max_nonfinite:
             raise TrainingError(f"training stopped at step {last_bad}: {consec} non-finite "
-                                f"losses in a row (train.max_nonfinite="
+                                f"losses or gradients in a row (train.max_nonfinite="
                                 f"{self.cfg.train.max_nonfinite}); lower optim.lr or check the data")
 
     def _lr_at(self, step: int) -> float:

@@ -68,7 +68,7 @@ def test_repeated_nonfinite_losses_stop_the_run(make_config, tmp_path):
         return out
     trainer.step_fn.losses = poisoned
     before = [p.detach().clone() for p in trainer.nets[0].parameters()]
-    with pytest.raises(TrainingError, match="at step 2: 2 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match="at step 2: 2 non-finite losses or gradients in a row"):
         trainer.run()
     assert all(torch.equal(b, p) for b, p in zip(before, trainer.nets[0].parameters()))
     rec = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "train"][-1]
