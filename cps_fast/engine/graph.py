@@ -13,10 +13,16 @@ rate and the step counter as device tensors advanced inside the graph, fused SGD
 them, gradients kept allocated (``zero_grad(set_to_none=False)``), non-finite steps skipped
 on the device, CutMix masks from the default CUDA generator (whose Philox offsets graphs
 track). Off CUDA, or under DDP, ``make_step`` returns the eager step with a one-line reason.
+
+The mechanics of warm-up and capture sit behind a small ``capture`` object
+(``CudaGraphCapture`` here); the tests substitute a CPU op-recording one with the same
+replay semantics, so that GraphStep's own logic and the step's graph-safety are exercised
+on machines without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -24,20 +30,49 @@ import torch
 from .step import TrainStep
 
 
+class CudaGraphCapture:
+    """Warm-up on a side stream and ``torch.cuda.graph`` capture, PyTorch's recipe."""
+
+    #: capture records kernels without running them: the captured call must be replayed
+    runs_during_capture = False
+
+    def __init__(self):
+        self._side = torch.cuda.Stream()
+
+    @contextlib.contextmanager
+    def warmup(self):
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            yield
+        torch.cuda.current_stream().wait_stream(self._side)
+
+    def capture(self, fn: Callable[[], dict]):
+        """(graph, fn's outputs); the outputs live in the graph's memory pool and are
+        rewritten by every replay."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pin-memory thread may call into CUDA meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out
+
+    def after_failure(self) -> None:
+        torch.cuda.synchronize()
+
+
 class GraphStep:
     def __init__(self, step: TrainStep, warmup: int = 3,
-                 on_fallback: Optional[Callable[[str], None]] = None):
+                 on_fallback: Optional[Callable[[str], None]] = None, capture=None):
         if warmup < 1:
             raise ValueError("GraphStep needs at least one eager warm-up step")
         self.step = step
         self.warmup = warmup
         self.calls = 0
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graph = None
         self.static_in: dict[str, torch.Tensor] = {}
         self.static_out: Optional[dict] = None
         self.fallback_reason: Optional[str] = None
         self.on_fallback = on_fallback
-        self._side = torch.cuda.Stream()
+        self._capture = capture if capture is not None else CudaGraphCapture()
 
     # Keep the attributes the trainer reads from a step.
     @property
@@ -75,26 +110,21 @@ class GraphStep:
         self._stage(batch)
         self.calls += 1
         if self.graph is None and self.calls <= self.warmup:
-            # Eager warm-up on a side stream, as PyTorch's graph recipe asks.
-            self._side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._side):
-                out = self.step(self.static_in)
-            torch.cuda.current_stream().wait_stream(self._side)
-            return out
+            with self._capture.warmup():
+                return self.step(self.static_in)
         if self.graph is None:
             try:
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: the DataLoader's pin-memory thread may call into CUDA.
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.static_out = self.step(self.static_in)
-                self.graph = graph
+                self.graph, self.static_out = self._capture.capture(
+                    lambda: self.step(self.static_in))
             except Exception as e:  # a sync or an unsupported op inside the step
                 self.fallback_reason = f"CUDA graph capture failed ({type(e).__name__}: " \
                                        f"{str(e).splitlines()[0] if str(e) else ''}); eager step"
                 if self.on_fallback is not None:
                     self.on_fallback(self.fallback_reason)
-                torch.cuda.synchronize()
+                self._capture.after_failure()
                 return self.step(self.static_in)
+            if self._capture.runs_during_capture:
+                return self.static_out
         self.graph.replay()
         return self.static_out
 
