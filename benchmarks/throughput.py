@@ -22,8 +22,11 @@ OHEM). ``--data memory`` feeds fixed random batches already on the device (the s
 reports the fraction of the step spent waiting for data. FLOPs per step are counted with
 ``torch.utils.flop_counter`` and reported as MFU against the bf16 matmul rate measured in the
 same run, beside the device's copy bandwidth. Each variant is timed ``--reps`` times over
-``--steps`` steps (median and spread, ms/step). Records are appended to
-``benchmarks/results/train_step-<device>.jsonl``; a Markdown table goes to stdout.
+``--steps`` steps (median and spread, ms/step). ``--profile DIR`` adds where the time goes:
+kernel time per phase (forward + losses, backward, optimiser) and the fraction of the wall
+time the device is busy, with each variant's top-op table in DIR. Records are appended to
+``benchmarks/results/train_step-<device>.jsonl`` one by one as they are measured; a Markdown
+table goes to stdout.
 
 ``--quick`` runs a tiny configuration (tiny backbone, 64² crops, batch 2+2) on the CPU as a
 smoke test; CPU numbers are smoke figures, never performance claims.
@@ -188,6 +191,77 @@ def time_variant(step, feed, device, steps, reps, warmup):
     return samples, statistics.median(waits)
 
 
+def _dev_time(evt) -> float:
+    """An event's device time in microseconds (attribute names vary across torch)."""
+    for name in ("device_time_total", "cuda_time_total"):
+        v = getattr(evt, name, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
+def profile_variant(step, feed, device, steps: int, table_path: str) -> dict:
+    """Where one step's time goes, from ``torch.profiler`` over ``steps`` steps.
+
+    Kernel time is split by the top-level operation that launched it: the optimiser
+    (torch's ``Optimizer.step#...`` range), the backward (``autograd::engine::...``,
+    the autograd thread) and everything else (the forward and the losses). Also the
+    device-busy fraction: kernel time over wall time -- well below 1 means the host
+    (kernel launches, Python) is the bottleneck, which is what a CUDA graph removes. A
+    replayed graph shows only its kernels (no per-op attribution). On the CPU the same
+    split uses CPU time (a smoke figure)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    batches = [feed() for _ in range(steps)]
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for b in batches:
+            step(b)
+        sync(device)  # host sync: end of the profiled region
+        wall_ms = 1000 * (time.perf_counter() - t0)
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for evt in prof.events():
+        if evt.cpu_parent is not None or not str(evt.device_type).endswith("CPU"):
+            continue
+        t = _dev_time(evt) if cuda else float(evt.cpu_time_total)
+        if evt.name.startswith("Optimizer.step"):
+            phases["optimizer"] += t
+        elif evt.name.startswith("autograd::engine"):
+            phases["backward"] += t
+        else:
+            phases["forward"] += t
+    out = {"phase_ms": {k: v / 1000 / steps for k, v in phases.items()}}
+    if cuda:
+        # Kernels (and copies) carry self device time; CPU ops carry none; GPU-side user
+        # ranges (Optimizer.step on the device timeline) would count their kernels twice.
+        kernel_us = sum(getattr(e, "self_device_time_total", 0.0) or 0.0
+                        for e in prof.key_averages()
+                        if not getattr(e, "is_user_annotation", False))
+        out["kernel_ms_per_step"] = kernel_us / 1000 / steps
+        out["device_busy_frac"] = kernel_us / 1000 / max(wall_ms, 1e-9)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    except Exception:  # an older torch names the column differently
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda
+                                          else "self_cpu_time_total", row_limit=30)
+    with open(table_path, "w") as f:
+        f.write(f"{steps} steps, wall {wall_ms:.1f} ms; {out}\n\n{table}\n")
+    return out
+
+
+def release(device) -> None:
+    """Free what a finished variant held (its graph pool too) so the next one's peak memory
+    is its own."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,11 +273,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=None, help="JSON-lines file (default benchmarks/results/)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile a few steps of each variant: per-phase times and the "
+                        "device-busy fraction in the record, the top-30 op table in DIR")
     args = p.parse_args(argv)
 
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     if args.quick:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer (train.cudnn_benchmark)
     env = environment(device)
     ceil = ceilings(device, quick=args.quick)
     preset_names = (args.presets or ("voc" if args.quick else "voc,city")).split(",")
@@ -256,16 +335,24 @@ def main(argv=None) -> int:
                         rec["note"] = note
                     if isinstance(step, GraphStep) and step.fallback_reason:
                         rec["note"] = step.fallback_reason
+                    if args.profile:
+                        os.makedirs(args.profile, exist_ok=True)
+                        rec.update(profile_variant(step, feed, device, 3, os.path.join(
+                            args.profile, f"profile-{preset}-{variant}.txt")))
                 except Exception as e:  # record the failure, keep measuring the rest
-                    rec.update(failed=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                    msg = str(e).splitlines()[0][:300] if str(e) else ""
+                    rec.update(failed=f"{type(e).__name__}: {msg}")
                 finally:
                     for s in (streams or {}).values():
                         s.close()
+                    step = feed = streams = None
+                    release(device)
+                # One record at a time: a run cut short (a time limit) keeps what it measured.
+                append_jsonl(out_path, [rec])
                 records.append(rec)
                 print(f"{preset} {variant}: " + (f"{rec['median_ms']:.1f} ms/step"
                                                  if "median_ms" in rec else rec["failed"]),
                       file=sys.stderr, flush=True)
-    append_jsonl(out_path, records)
     base = {r["preset"]: r.get("median_ms") for r in records if r["variant"] == variants[0]}
     for r in records:
         if r.get("median_ms") and base.get(r["preset"]):
@@ -275,6 +362,13 @@ def main(argv=None) -> int:
     print(markdown_table(records, ["preset", "variant", "median_ms", "spread_ms", "images_per_s",
                                    "speedup", "mfu", "peak_mem_gb", "data_wait_frac", "note",
                                    "failed"]))
+    if args.profile:
+        rows = [dict(preset=r["preset"], variant=r["variant"],
+                     **{f"{k}_ms": v for k, v in r.get("phase_ms", {}).items()},
+                     device_busy_frac=r.get("device_busy_frac")) for r in records]
+        print("\nwhere the time goes (profiled, per step)\n")
+        print(markdown_table(rows, ["preset", "variant", "forward_ms", "backward_ms",
+                                    "optimizer_ms", "device_busy_frac"]))
     print(f"\nrecords appended to {out_path}")
     return 0
 

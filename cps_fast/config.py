@@ -168,6 +168,7 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda
     path: str = "eager"                 # eager | fast (CUDA graph; falls back to eager off CUDA)
     graph_warmup: int = 3               # eager steps before the CUDA graph is captured
+    cudnn_benchmark: bool = True        # let cuDNN time its conv algorithms (fixed crops)
     amp: str = "none"                   # none | bf16 | fp16
     kernels: str = "auto"               # auto | torch | triton | cuda | cpp
     log_every: int = 20

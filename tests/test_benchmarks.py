@@ -14,7 +14,8 @@ def test_throughput_quick(tmp_path):
     out = tmp_path / "tp.jsonl"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
                         "--quick", "--steps", "1", "--reps", "2",
-                        "--variants", "eager_fp32,eager_amp_cl,ddp_ws1,graph_fused", "--out", str(out)],
+                        "--variants", "eager_fp32,eager_amp_cl,ddp_ws1,graph_fused", "--out", str(out),
+                        "--profile", str(tmp_path / "prof")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -25,3 +26,10 @@ def test_throughput_quick(tmp_path):
         assert rec["device"] == "cpu" and rec["median_ms"] > 0 and rec["flops_per_step"] > 0
     assert "CUDA graphs need a GPU" in recs[-1]["note"]
     assert "| voc | eager_fp32 |" in r.stdout
+    # --profile: where the time goes, per phase, with the op tables beside
+    for rec in recs:
+        ph = rec["phase_ms"]
+        assert ph["forward"] > 0 and ph["backward"] > 0 and ph["optimizer"] > 0
+        assert sum(ph.values()) < 5 * rec["median_ms"]
+        assert "convolution" in (tmp_path / "prof" / f"profile-voc-{rec['variant']}.txt").read_text()
+    assert "where the time goes" in r.stdout

@@ -95,6 +95,9 @@ class Trainer:
         self.device = device if device is not None else resolve_device(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        if self.device.type == "cuda":
+            # Training crops have one shape: cuDNN's algorithm search pays off at once.
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         seed_everything(cfg.train.seed)
 
         # ---- data (rank 0 first: it may generate the synthetic set on first use)
