@@ -102,7 +102,13 @@ class GraphStep:
                 # A graph replays fixed shapes: the loaders drop ragged batches.
                 raise ValueError(f"batch[{k!r}] shape {tuple(v.shape)} differs from the "
                                  f"captured {tuple(self.static_in[k].shape)}")
-            self.static_in[k].copy_(v, non_blocking=True)
+            if v.data_ptr() != self.static_in[k].data_ptr():  # the loader wrote it there
+                self.static_in[k].copy_(v, non_blocking=True)
+
+    def input_buffers(self) -> Optional[dict[str, torch.Tensor]]:
+        """The static input tensors the graph reads (None before the first call): a loader
+        that can write into given tensors (DALI's ``next_into``) fills them directly."""
+        return self.static_in or None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict:
         if self.fallback_reason is not None:

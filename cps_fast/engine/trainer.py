@@ -29,7 +29,7 @@ from ..models import build_model
 from ..runlog import MetricsLog, Progress
 from ..distributed import DistInfo, all_reduce_, barrier, convert_sync_bn, wrap_ddp
 from .evaluator import evaluate
-from .graph import make_step
+from .graph import GraphStep, make_step
 from .optim import PolySGD
 from .step import TrainStep
 
@@ -355,13 +355,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _next_batch(self) -> dict:
+        bufs = getattr(self.step_fn, "input_buffers", lambda: None)()
+        if bufs is not None and all(hasattr(s, "next_into") for s in self.streams.values()):
+            return self._next_batch_into(bufs)
         lab = self.streams["labeled"].__next__()
         batch = {"image": lab["image"], "label": lab["label"]}
         if "unlabeled" in self.streams:
             batch["unlabeled"] = self.streams["unlabeled"].__next__()["image"]
         if "unlabeled2" in self.streams:
             batch["unlabeled2"] = self.streams["unlabeled2"].__next__()["image"]
+        if isinstance(self.step_fn, GraphStep):
+            # Host batches go straight into the graph's static buffers (one copy, not two).
+            return batch
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _next_batch_into(self, bufs: dict) -> dict:
+        """DALI writes the next batch straight into the graph's static input buffers."""
+        self.streams["labeled"].next_into({"image": bufs["image"], "label": bufs["label"]})
+        for key in ("unlabeled", "unlabeled2"):
+            if key in self.streams:
+                self.streams[key].next_into({"image": bufs[key]})
+        return bufs
 
     def run(self, stop_at: Optional[int] = None) -> Optional[dict]:
         """Train to the end (evaluate, checkpoint, return the final evaluation record), or,
