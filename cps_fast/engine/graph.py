@@ -111,9 +111,11 @@ class GraphStep:
         return self.static_in or None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict:
-        if self.fallback_reason is not None:
-            return self.step(batch)
+        # Batches may come from the host (the trainer hands pinned host tensors over, to be
+        # copied once): every path, the eager fallback too, runs on the staged buffers.
         self._stage(batch)
+        if self.fallback_reason is not None:
+            return self.step(self.static_in)
         self.calls += 1
         if self.graph is None and self.calls <= self.warmup:
             with self._capture.warmup():

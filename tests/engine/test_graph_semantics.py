@@ -174,3 +174,23 @@ def test_the_trainer_through_a_recorded_graph_trains_as_the_eager_trainer(
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
     saved = torch.load(tmp_path / "f" / "checkpoints" / "last.pt", weights_only=False)
     assert saved["step"] == 6 and saved["optim"]["step"] == 6  # the device counter
+
+
+class _RefusingCapture(OpRecordingCapture):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def test_a_failed_capture_falls_back_to_the_eager_step_with_one_line():
+    batches = _batches(5)
+    nets_e, eager, _ = _step("cps", "torch")
+    nets_g, inner, _ = _step("cps", "torch")
+    said = []
+    fast = GraphStep(inner, warmup=2, capture=_RefusingCapture(), on_fallback=said.append)
+    le = [float(eager(b)["loss"]) for b in batches]
+    lg = [float(fast(b)["loss"]) for b in batches]
+    assert not fast.captured
+    assert said == ["CUDA graph capture failed (RuntimeError: operation not permitted when "
+                    "stream is capturing); eager step"]
+    assert lg == pytest.approx(le, rel=1e-6)  # no step lost or repeated around the failure
+    assert int(inner.optim.step_t) == 5
