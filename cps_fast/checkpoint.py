@@ -10,8 +10,10 @@ checkpoint intact.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -71,7 +73,17 @@ def load(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors and plain containers only (what cps_fast writes): loading never runs code.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Written before checkpoints held only plain objects (numpy's RNG state was an
+        # array): full unpickling, for files this project wrote.
+        print(f"notice: checkpoint {path} holds non-tensor objects (an older cps_fast); "
+              f"loading it with full unpickling -- only load files you trust", file=sys.stderr)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: {e})")
     except Exception as e:  # truncated / not a torch file
         raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
@@ -95,7 +107,12 @@ def check_compatible(ckpt_config: dict, config: dict, path: str | os.PathLike) -
 
 
 def rng_state(cutmix_generator: Optional[torch.Generator] = None) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    # numpy's state as a tensor + plain values: the checkpoint then holds only what
+    # torch.load(weights_only=True) accepts (tensors, containers, numbers, strings).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -106,7 +123,10 @@ def rng_state(cutmix_generator: Optional[torch.Generator] = None) -> dict:
 
 def set_rng_state(state: dict, cutmix_generator: Optional[torch.Generator] = None) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    if torch.is_tensor(keys):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

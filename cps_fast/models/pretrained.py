@@ -8,6 +8,8 @@ Accepted files (``torch.save`` of a state dict, read with ``weights_only=True``)
 * torchvision ResNet files (``conv1.weight`` 7x7, ``bn1.*``, ``layer*``): only into a
   plain-stem backbone (``deep_stem=False``); a v1c backbone refuses them with a message
   saying why, because the 7x7 stem has no counterpart in the three-conv deep stem.
+* A cps_fast checkpoint (``runs/<run>/checkpoints/best.pt``): the backbone of its first
+  network, e.g. to start CPS from a supervised run.
 * Either of them wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``, with keys
   prefixed ``module.`` (DataParallel / DDP) and/or ``backbone.`` (a whole segmentation model:
   only the ``backbone.`` keys are used, the rest is reported as ignored).
@@ -79,6 +81,10 @@ def _read(path: str) -> Any:
 
 def extract_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Unwrap and strip prefixes; returns (backbone state dict, ignored keys)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("nets"), list) and obj["nets"] \
+            and "format" in obj:
+        # A cps_fast checkpoint (e.g. a supervised run, to start CPS from): network a.
+        obj = obj["nets"][0]
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:

@@ -74,6 +74,26 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         ckpt_io.load(bad)
 
 
+def test_older_checkpoint_with_numpy_rng_state_still_resumes(make_config, tmp_path, capsys):
+    """Checkpoints now hold tensors and plain values only (weights_only loading); one written
+    before, with numpy's RNG state as an array, loads with a notice and restores it."""
+    import numpy as np
+    Trainer(make_config("cps"), tmp_path / "r", quiet=True).run(stop_at=3)
+    path = tmp_path / "r" / "checkpoints" / "last.pt"
+    ck = torch.load(path, weights_only=True)
+    np.random.seed(5)
+    ck["rng"]["numpy"] = np.random.get_state()  # the old layout: (name, ndarray, ...)
+    expected = np.random.rand(4)
+    path.unlink()
+    torch.save(ck, path)
+    loaded = ckpt_io.load(path)
+    assert "older cps_fast" in capsys.readouterr().err
+    np.random.seed(0)
+    ckpt_io.set_rng_state(loaded["rng"])
+    assert np.array_equal(np.random.rand(4), expected)
+    Trainer(make_config("cps"), tmp_path / "r", resume="latest", quiet=True).run()
+
+
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     mgr = ckpt_io.CheckpointManager(tmp_path, keep=2)
     mgr.save({"x": torch.ones(3)}, step=1)

@@ -99,3 +99,21 @@ def test_predict_cli_writes_palette_masks(trained, synth_root, tmp_path):
 def test_missing_checkpoint_is_one_line(tmp_path):
     r = _py("cps_fast.evaluate", "--checkpoint", str(tmp_path / "nope.pt"))
     assert r.returncode == 2 and r.stderr.strip() == f"error: checkpoint {tmp_path / 'nope.pt'}: no such file"
+
+
+def test_a_run_starts_from_another_runs_backbone(trained, make_config, tmp_path):
+    """Two-stage workflows (e.g. CPS from a supervised run): model.pretrained takes a
+    cps_fast checkpoint, which holds only tensors and plain values (weights_only loads it)."""
+    ckpt = trained / "checkpoints" / "last.pt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    trainer = Trainer(make_config("cps", **{"model.pretrained": str(ckpt)}), tmp_path / "r",
+                      quiet=True)
+    src = {k[len("backbone."):]: v for k, v in saved["nets"][0].items()
+           if k.startswith("backbone.")}
+    assert src
+    for net in trainer.nets:
+        got = net.backbone.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in src.items() if "num_batches" not in k)
+    heads = [{k: v for k, v in n.state_dict().items() if not k.startswith("backbone.")}
+             for n in trainer.nets]
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # own heads
