@@ -11,7 +11,14 @@ Variants are the synthetic preset with ``--method`` and extra ``--set`` override
   cps_rampup        CPS with lambda ramped up over the first 300 iterations
 
 The data partition is the same for every run (``data.split_seed`` 0); ``train.seed`` varies
-the initialisation, the data order and the augmentation. Each run is a separate process
+the initialisation, the data order and the augmentation. ``--split`` sets the labeled part
+(1/8 or a count such as 16).
+
+``--pretrain DIR`` first builds a stand-in for the paper's ImageNet start: the supervised
+baseline trained on a *different* synthetic set (generation seed 12345, every image
+labeled) for ``--pretrain-iters``; its checkpoint, DIR/run/checkpoints/last.pt, then gives
+every variant its backbone (``model.pretrained``; heads start from scratch, as in the
+paper). ``--pretrained CKPT`` reuses such a checkpoint. Each run is a separate process
 with one torch thread and in-process data loading, ``--jobs`` at a time. Records (final
 mIoU of each network, wall time) are appended to
 ``benchmarks/results/synthetic_semisup.jsonl`` and summarised as mean ± std per variant.
@@ -41,18 +48,45 @@ VARIANTS = {
 }
 
 
-def run_one(variant: str, seed: int, iters: int, workdir: str) -> dict:
+PRETRAIN_SEED = 12345
+
+
+def pretrain(workdir: str, iters: int) -> str:
+    """Supervised on a separately generated synthetic set, all labeled; its checkpoint."""
+    from cps_fast.data.synthetic import generate_synthetic
+    data = os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(data, "ImageSets", "Segmentation", "train.txt")):
+        generate_synthetic(data, seed=PRETRAIN_SEED)
+    with open(os.path.join(data, "ImageSets", "Segmentation", "train.txt")) as f:
+        n = sum(1 for line in f if line.strip())
+    out = os.path.join(workdir, "run")
+    ckpt = os.path.join(out, "checkpoints", "last.pt")
+    if not os.path.exists(ckpt):
+        # n - 1 labeled: a partition needs one unlabeled image; the baseline ignores it.
+        subprocess.run([sys.executable, "-m", "cps_fast.train", "--method", "supervised",
+                        "--data-root", data, "--split", str(n - 1), "--iters", str(iters),
+                        "--out", out, "--quiet", "--set", "eval.every=0"],
+                       check=True, cwd=ROOT)
+    return ckpt
+
+
+def run_one(variant: str, seed: int, iters: int, workdir: str, split: str,
+            pretrained: str | None) -> dict:
     out = os.path.join(workdir, f"{variant}-{seed}")
+    extra = ["--set", f"model.pretrained={pretrained}"] if pretrained else []
     cmd = [sys.executable, "-m", "cps_fast.train", "--iters", str(iters), "--out", out,
            "--quiet", "--set", f"train.seed={seed}", "--set", "train.threads=1",
-           "--set", "data.num_workers=0", "--set", "eval.every=0",
-           *VARIANTS[variant]]
+           "--set", "data.num_workers=0", "--set", "eval.every=0", "--split", split,
+           *extra, *VARIANTS[variant]]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     wall = time.time() - t0
     rec = {"benchmark": "synthetic_semisup", "variant": variant, "seed": seed, "iters": iters,
-           "wall_s": wall, "commit": commit(), "device": "cpu", "split": "1/8"}
+           "wall_s": wall, "commit": commit(), "device": "cpu", "split": split,
+           "init": "pretrained" if pretrained else "scratch"}
+    if pretrained:
+        rec["pretrained"] = pretrained
     if r.returncode != 0:
         rec["failed"] = (r.stderr.strip().splitlines() or ["?"])[-1]
         return rec
@@ -70,13 +104,23 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="supervised,cps,cps_rampup")
     p.add_argument("--iters", type=int, default=1200)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--split", default="1/8", help="labeled part: 1/8 ... or a count")
+    p.add_argument("--pretrain", default=None, metavar="DIR",
+                   help="build the stand-in pretrained backbone in DIR first (kept)")
+    p.add_argument("--pretrain-iters", type=int, default=1200)
+    p.add_argument("--pretrained", default=None, metavar="CKPT",
+                   help="a cps_fast checkpoint whose backbone every variant starts from")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                  "synthetic_semisup.jsonl"))
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(v, s) for v in args.variants.split(",") for s in seeds]
+    pretrained = args.pretrained
+    if args.pretrain:
+        pretrained = pretrain(args.pretrain, args.pretrain_iters)
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(args.jobs) as pool:
-        records = list(pool.map(lambda vs: run_one(vs[0], vs[1], args.iters, workdir), jobs))
+        records = list(pool.map(lambda vs: run_one(vs[0], vs[1], args.iters, workdir,
+                                                   args.split, pretrained), jobs))
     append_jsonl(args.out, records)
     print(markdown_table(records, ["variant", "seed", "miou_a", "miou_b", "wall_s", "failed"]))
     print()
