@@ -184,9 +184,8 @@ class TrainStep:
                         else torch.clamp_max(bad + overflow, 1.0))
         if self.scaler is not None:
             self.scaler.update(overflow)
-        nonfinite = bad
         out = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}
-        out["nonfinite"] = nonfinite
+        out["nonfinite"] = bad
         return out
 
     def _grads_nonfinite(self) -> torch.Tensor:
@@ -207,7 +206,9 @@ class RunningStatsGuard:
     evaluation with them. ``save`` copies them into one flat buffer (one kernel per dtype);
     ``restore_if`` puts the copy back where the flag is set (a select, then one foreach copy):
     a few small kernels per step, no host sync, graph-safe. ``num_batches_tracked`` still
-    counts the skipped pass; with a set BN momentum (ours) nothing reads it.
+    counts the skipped pass; with a set BN momentum (ours) nothing reads it. It holds the
+    buffers themselves: build it once the networks are on their device (``load_state_dict``
+    copies in place and keeps them).
     """
 
     def __init__(self, nets: list[nn.Module]):
