@@ -102,8 +102,9 @@ class GraphStep:
                 # A graph replays fixed shapes: the loaders drop ragged batches.
                 raise ValueError(f"batch[{k!r}] shape {tuple(v.shape)} differs from the "
                                  f"captured {tuple(self.static_in[k].shape)}")
-            if v.data_ptr() != self.static_in[k].data_ptr():  # the loader wrote it there
-                self.static_in[k].copy_(v, non_blocking=True)
+            dst = self.static_in[k]
+            if not (v.device == dst.device and v.data_ptr() == dst.data_ptr()):
+                dst.copy_(v, non_blocking=True)  # (else the loader wrote it there already)
 
     def input_buffers(self) -> Optional[dict[str, torch.Tensor]]:
         """The static input tensors the graph reads (None before the first call): a loader
