@@ -33,3 +33,18 @@ def test_throughput_quick(tmp_path):
         assert sum(ph.values()) < 5 * rec["median_ms"]
         assert "convolution" in (tmp_path / "prof" / f"profile-voc-{rec['variant']}.txt").read_text()
     assert "where the time goes" in r.stdout
+
+
+def test_gpu_round_script_parses_and_respects_its_budget(tmp_path):
+    """The one-call GPU round (benchmarks/gpu_round.sh) is only ever run on a lent GPU:
+    check here that it parses and that a spent budget skips every stage in order."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_round.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    r = subprocess.run(["bash", script], env=dict(os.environ, OUT=str(tmp_path), BUDGET_S="0"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "round.txt").read_text().splitlines()
+    assert log[:4] == ["== build: skipped (budget spent)", "== tests_gpu: skipped (budget spent)",
+                       "== voc_ladder: skipped (budget spent)",
+                       "== voc_compile: skipped (budget spent)"]
+    assert (tmp_path / "commit.txt").exists()
