@@ -9,6 +9,7 @@ Variants are the synthetic preset with ``--method`` and extra ``--set`` override
   supervised        the labeled 1/8 only (one network, batch 8)
   cps               CPS, lambda = 1.5 from the first step (the paper's schedule)
   cps_rampup        CPS with lambda ramped up over the first 300 iterations
+  cps_w05           CPS with lambda = 0.5 (the pseudo-label term weaker than the labels')
 
 The data partition is the same for every run (``data.split_seed`` 0); ``train.seed`` varies
 the initialisation, the data order and the augmentation. ``--split`` sets the labeled part
@@ -45,6 +46,7 @@ VARIANTS = {
     "supervised": ["--method", "supervised"],
     "cps": ["--method", "cps"],
     "cps_rampup": ["--method", "cps", "--set", "loss.cps_rampup=300"],
+    "cps_w05": ["--method", "cps", "--set", "loss.cps_weight=0.5"],
 }
 
 
