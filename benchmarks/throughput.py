@@ -337,8 +337,11 @@ def main(argv=None) -> int:
                         rec["note"] = step.fallback_reason
                     if args.profile:
                         os.makedirs(args.profile, exist_ok=True)
-                        rec.update(profile_variant(step, feed, device, 3, os.path.join(
-                            args.profile, f"profile-{preset}-{variant}.txt")))
+                        try:  # a profiler problem must not lose the timing above
+                            rec.update(profile_variant(step, feed, device, 3, os.path.join(
+                                args.profile, f"profile-{preset}-{variant}.txt")))
+                        except Exception as e:
+                            rec["profile_failed"] = f"{type(e).__name__}: {str(e)[:200]}"
                 except Exception as e:  # record the failure, keep measuring the rest
                     msg = str(e).splitlines()[0][:300] if str(e) else ""
                     rec.update(failed=f"{type(e).__name__}: {msg}")
