@@ -9,7 +9,14 @@ The ladder, each rung adding one thing to the one before (DESIGN.md section 9 na
   eager_amp        + bf16 autocast
   eager_amp_cl     + channels_last
   fused            + fused loss kernels (train.kernels=auto: Triton on the GPU)
-  graph_fused      + the whole step replayed as one CUDA graph (--path fast)
+  graph_fused      + the whole step replayed as one CUDA graph (--path fast, train.compile=off)
+  compiled_fast    + both networks and the losses compiled by TorchInductor inside that
+                   graph (--path fast, train.compile=auto); compiled_fast_max_autotune the
+                   same in Inductor's max-autotune mode (its CUDA graphs off, as always).
+                   Records say whether compile and capture happened (compiled, compile_s,
+                   compile_fallback, graph_captured, graph_fallback). ``--inductor
+                   KEY=VALUE,...`` adds Inductor config patches to these two (experiments
+                   for the GPU round, e.g. conv_1x1_as_mm=1, coordinate_descent_tuning=1)
   ddp_ws1          the fused step inside DistributedDataParallel at world size 1 (the
                    single-process overhead of DDP, against "fused")
   compile_default / compile_max_autotune / compile_reduce_overhead
@@ -50,7 +57,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import append_jsonl, ceilings, device_slug, environment, markdown_table  # noqa: E402
 
 from cps_fast import presets  # noqa: E402
-from cps_fast.engine.graph import GraphStep  # noqa: E402
+from cps_fast.engine.compiled import CompiledStep  # noqa: E402
+from cps_fast.engine.graph import GraphStep, describe_step  # noqa: E402
 from cps_fast.engine.optim import PolySGD  # noqa: E402
 from cps_fast.engine.step import TrainStep  # noqa: E402
 from cps_fast.models import build_model  # noqa: E402
@@ -61,6 +69,10 @@ LADDER = {
     "eager_amp_cl": dict(amp="bf16", cl=True, kernels="torch", graph=False, compile=None),
     "fused": dict(amp="bf16", cl=True, kernels="auto", graph=False, compile=None),
     "graph_fused": dict(amp="bf16", cl=True, kernels="auto", graph=True, compile=None),
+    "compiled_fast": dict(amp="bf16", cl=True, kernels="auto", graph=True, compile=None,
+                          fast_compile="default"),
+    "compiled_fast_max_autotune": dict(amp="bf16", cl=True, kernels="auto", graph=True,
+                                       compile=None, fast_compile="max-autotune"),
     "ddp_ws1": dict(amp="bf16", cl=True, kernels="auto", graph=False, compile=None, ddp=True),
     "compile_default": dict(amp="bf16", cl=True, kernels="torch", graph=False, compile="default"),
     "compile_max_autotune": dict(amp="bf16", cl=True, kernels="torch", graph=False,
@@ -123,7 +135,7 @@ def loader_batches(cfg, device, data: str, workdir: str, preset: str):
     return nxt, streams
 
 
-def build(cfg, device, variant):
+def build(cfg, device, variant, inductor=None):
     nets = []
     for i in range(2):
         torch.manual_seed(i)
@@ -137,11 +149,32 @@ def build(cfg, device, variant):
     mode = LADDER[variant]["compile"]
     if mode is not None:
         step.module = torch.compile(step.objective, mode=mode)
+    if LADDER[variant].get("fast_compile"):  # the fast step's own compile (engine/compiled.py)
+        step = CompiledStep(step, LADDER[variant]["fast_compile"], options=inductor)
     if LADDER[variant]["graph"]:
         if device.type != "cuda":
-            return step, "CUDA graphs need a GPU: eager step timed instead"
+            return step, "CUDA graphs need a GPU: the step timed without one"
         return GraphStep(step, warmup=3), None
     return step, None
+
+
+def parse_options(text):
+    """'a=1,b.c=x' -> {'a': True, 'b.c': 'x'} (1/0/true/false are booleans, then numbers)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--inductor {item!r}: expected KEY=VALUE")
+        low = raw.strip().lower()
+        if low in ("1", "true", "0", "false"):
+            val = low in ("1", "true")
+        else:
+            try:
+                val = int(raw) if raw.strip().lstrip("-").isdigit() else float(raw)
+            except ValueError:
+                val = raw.strip()
+        out[key.strip()] = val
+    return out
 
 
 def ddp_world1(module, device):
@@ -276,7 +309,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile a few steps of each variant: per-phase times and the "
                         "device-busy fraction in the record, the top-30 op table in DIR")
+    p.add_argument("--inductor", default=None, metavar="KEY=VALUE,...",
+                   help="Inductor config patches for the compiled_fast variants (recorded)")
     args = p.parse_args(argv)
+    inductor = parse_options(args.inductor)
 
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     if args.quick:
@@ -311,7 +347,7 @@ def main(argv=None) -> int:
                            **{f"ceiling_{k}": v for k, v in ceil.items()})
                 streams = None
                 try:
-                    step, note = build(cfg, device, variant)
+                    step, note = build(cfg, device, variant, inductor)
                     if args.data == "memory":
                         pool = memory_batches(cfg, device)
                         it = iter(range(10 ** 9))
@@ -335,6 +371,9 @@ def main(argv=None) -> int:
                         rec["note"] = note
                     if isinstance(step, GraphStep) and step.fallback_reason:
                         rec["note"] = step.fallback_reason
+                    rec.update(describe_step(step))  # what ran: compiled? captured?
+                    if rec.get("compile_fallback"):
+                        rec["note"] = rec["compile_fallback"]
                     if args.profile:
                         os.makedirs(args.profile, exist_ok=True)
                         try:  # a profiler problem must not lose the timing above
