@@ -23,10 +23,16 @@ disagree with the eager ones, leave the state as it was, and the step runs uncom
 one-line reason (under ``GraphStep``, still captured: "graph + fused"). The check is there
 because it has caught a real miscompile: torch 2.13's Inductor (CPU) gets the backward of a
 conv -> BN -> conv -> bilinear-upsample block wrong when the block runs twice in one graph,
-which is every CPS step (each network sees the labeled and the unlabeled batch). A wrong
-backward is off by O(1); rounding is off by ~1e-6 in fp32 and ~1e-2 in bf16, hence the
-tolerances. The dry run's host time is the compilation time, reported once (it includes the
-one eager and one compiled step of the check).
+which is every CPS step (each network sees the labeled and the unlabeled batch); its
+gradients came out with a relative error of 1.0. Rounding is ~1e-6 in fp32, so there the
+gradients must agree within 2% (relative, global norm per network). In bf16 the two steps'
+argmax pseudo-labels differ at near-ties, each flip moving that pixel's CPS gradient by
+O(1): on the tiny test model bf16 and fp32 updates differ by up to ~0.8 relative. So bf16
+and fp16 are checked for gross miscompiles only -- a gradient of another size (norm ratio
+outside [0.6, 1.6]: zero or scaled) or direction (cosine below 0.3: unrelated) -- and the
+loss within 10%; subtle errors are the gpu test's business (against the eager step over 20
+steps). The dry run's host time is the compilation time, reported once (it includes the one
+eager and one compiled step of the check).
 
 Shapes, dtypes and modes are fixed after the first step (``dynamic=False``): a recompile
 later would be a bug (a silent one costs minutes, and dynamo's cache limit would then
@@ -52,9 +58,13 @@ MODES = ("default", "max-autotune")
 DEFAULT_BACKEND = "inductor"
 
 
-#: relative error of the compiled loss and of each network's gradient (global norm) against
-#: the eager step, above which the compiled objective is rejected, by autocast dtype
-VERIFY_TOL = {None: 2e-2, torch.bfloat16: 0.25, torch.float16: 0.25}
+#: the dry-run check (see the module docstring): fp32 (no autocast) -- relative error of the
+#: loss and of each network's gradient; bf16/fp16 -- relative error of the loss, and each
+#: network's gradient norm ratio and cosine against the eager step's
+CHECK_FP32_REL = 2e-2
+CHECK_LOW_LOSS_REL = 0.1
+CHECK_LOW_NORM_RATIO = (0.6, 1.6)
+CHECK_LOW_COSINE = 0.3
 
 
 class RecompileError(CpsFastError):
@@ -276,38 +286,52 @@ class CompiledStep:
                  for p in net.parameters()] for net in self.step.nets]
 
     def _check(self, ref, loss: torch.Tensor, grads) -> None:
-        """Raise CompileMismatch if the compiled loss or any network's gradient is off."""
+        """Raise CompileMismatch if the compiled loss or a network's gradient is off."""
         loss_e, grads_e = ref
-        tol = VERIFY_TOL.get(self.amp_dtype, VERIFY_TOL[None])
-        errs = [_rel_err([loss], [loss_e])]
-        errs += [_rel_err(gc, ge) for gc, ge in zip(grads, grads_e)]
+        stats = [_compare([loss], [loss_e])] + [_compare(gc, ge) for gc, ge in
+                                                 zip(grads, grads_e)]
         # Host sync: once, at the first step, to accept or reject the compiled code.
-        vals = torch.stack(errs).tolist()
-        if not all(v == v for v in vals):  # a non-finite first batch: nothing to compare
-            self.check_error = float("nan")
+        (l_rel, _, _), *nets = torch.stack([torch.stack(t) for t in stats]).tolist()
+        if not all(v == v for row in [[l_rel]] + nets for v in row):
+            self.check_error = float("nan")  # a non-finite first batch: nothing to compare
             return
-        self.check_error = max(vals)
-        worst = max(range(len(vals)), key=lambda i: vals[i])
-        if vals[worst] > tol:
-            what = "loss" if worst == 0 else f"gradients of network {'ab'[worst - 1]}"
-            raise CompileMismatch(
-                f"the compiled step's {what} differ from the eager step's by {vals[worst]:.2g} "
-                f"(relative; tolerance {tol:g}): a miscompile")
+        self.check_error = max([l_rel] + [rel for rel, _, _ in nets])
+        low = self.amp_dtype is not None
+        bad = []
+        if l_rel > (CHECK_LOW_LOSS_REL if low else CHECK_FP32_REL):
+            bad.append(f"loss off by {l_rel:.2g}")
+        for name, (rel, cos, ratio) in zip("ab", nets):
+            if not low and rel > CHECK_FP32_REL:
+                bad.append(f"network {name}'s gradients off by {rel:.2g} (relative, "
+                           f"tolerance {CHECK_FP32_REL:g})")
+            elif low and not (CHECK_LOW_NORM_RATIO[0] <= ratio <= CHECK_LOW_NORM_RATIO[1]
+                              and cos >= CHECK_LOW_COSINE):
+                bad.append(f"network {name}'s gradients off (norm ratio {ratio:.2g}, cosine "
+                           f"{cos:.2g})")
+        if bad:
+            raise CompileMismatch("the compiled step disagrees with the eager step: "
+                                  + "; ".join(bad) + " -- a miscompile")
 
 
-def _rel_err(got: list, want: list) -> torch.Tensor:
-    """||got - want|| / ||want|| over a list of tensors (None = zeros), as a 0-dim tensor;
-    ||got - want|| when want is zero; NaN when want is not finite."""
-    num = den = None
+def _compare(got: list, want: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(||got - want|| / ||want||, cosine, ||got|| / ||want||) over lists of tensors
+    (None = zeros), as 0-dim float64 tensors on the CPU; against a zero ``want``: the
+    absolute difference, and 1 for the cosine and the ratio when ``got`` is zero too."""
+    sums = None
     for g, w in zip(got, want):
         if g is None and w is None:
             continue
         w = torch.zeros_like(g) if w is None else w
         g = torch.zeros_like(w) if g is None else g
-        d = (g.double() - w.double()).pow(2).sum()
-        n = w.double().pow(2).sum()
-        num, den = (d, n) if num is None else (num + d, den + n)
-    if num is None:
-        return torch.zeros((), dtype=torch.float64)
-    err = torch.where(den > 0, (num / den.clamp_min(1e-300)).sqrt(), num.sqrt())
-    return torch.where(torch.isfinite(den), err, torch.full_like(err, float("nan"))).cpu()
+        g, w = g.double(), w.double()
+        t = torch.stack([(g - w).pow(2).sum(), (g * w).sum(), g.pow(2).sum(), w.pow(2).sum()])
+        sums = t if sums is None else sums + t
+    if sums is None:
+        sums = torch.zeros(4, dtype=torch.float64)
+    dd, gw, gg, ww = sums.cpu().unbind()
+    one = torch.ones((), dtype=torch.float64)
+    rel = torch.where(ww > 0, (dd / ww.clamp_min(1e-300)).sqrt(), dd.sqrt())
+    both_zero = (gg == 0) & (ww == 0)
+    cos = torch.where(both_zero, one, gw / (gg * ww).sqrt().clamp_min(1e-300))
+    ratio = torch.where(both_zero, one, (gg / ww.clamp_min(1e-300)).sqrt())
+    return rel, cos, ratio

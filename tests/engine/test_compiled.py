@@ -1,10 +1,11 @@
 """The compiled fast step (engine/compiled.py) on the CPU.
 
-Inductor generates C++ here, and compiling even the tiny model's two networks forward and
-backward costs tens of seconds on two cores, so each Inductor graph is compiled once per
-module (a module-scoped fixture per case) and the cheaper checks trace with dynamo's
-``eager`` / ``aot_eager`` backends (the same dynamo graph and AOTAutograd forward/backward,
-run op by op).
+Inductor generates C++ here, and compiling the tiny model's networks forward and backward
+costs one to two minutes on two cores, so each Inductor graph is compiled once per module (a
+module-scoped fixture per case) and the other checks trace with dynamo's ``eager`` /
+``aot_eager`` backends (the same dynamo graph and AOTAutograd forward/backward, run op by
+op). On this CPU, torch 2.13's Inductor miscompiles the CPS backward (a network run twice
+in one graph; see compiled.py): the CPS case checks that the dry-run comparison rejects it.
 
 Tolerances. Compiled code sums in another order than eager, and the tiny model at these
 sizes is chaotic: BatchNorm over a handful of values (the ASPP image-pooling branch sees
@@ -36,7 +37,7 @@ CPU = torch.device("cpu")
 
 
 def _step(method, kernels="torch", dtype=torch.float32, supervised="ce", amp="none",
-          rampup=0, lr=0.02, device=CPU, seed_gen=True):
+          rampup=0, lr=0.02, device=CPU, seed_gen=True, total=12):
     cfg = presets.get("synthetic", method).apply_overrides(
         ["model.aspp_channels=8", "model.decoder_channels=8", "model.low_level_channels=8",
          f"train.amp={amp}", f"train.kernels={kernels}", f"loss.supervised={supervised}",
@@ -46,7 +47,7 @@ def _step(method, kernels="torch", dtype=torch.float32, supervised="ce", amp="no
         torch.manual_seed(10 + i)
         net = build_model(cfg.model, 6).to(device=device, dtype=dtype)
         nets.append(net.to(memory_format=torch.channels_last))
-    opt = PolySGD(nets, cfg.optim, cfg.optim.lr, 12, device)
+    opt = PolySGD(nets, cfg.optim, cfg.optim.lr, total, device)
     gen = None
     if method == "cps-cutmix" and seed_gen:
         gen = torch.Generator(device=device).manual_seed(7)
@@ -179,7 +180,7 @@ def test_inductor_compiled_step_equals_the_eager_step(inductor_run):
         # then trains exactly as the eager step: the dry run left no trace.
         assert r["case"] in MAY_BE_REJECTED, r["said"]
         assert len(r["said"]) == 1 and "CompileMismatch" in r["said"][0], r["said"]
-        assert "differ from the eager step's" in r["said"][0]
+        assert "disagrees with the eager step: network" in r["said"][0]
         assert fast.report()["compile_check_error"] > 0.02
         for a, b in zip([out_e] + le, [out_c] + lc):
             for k in ("loss", "cps", "stats"):
@@ -273,21 +274,24 @@ def _doubling_backward():
     return aot_autograd(fw_compiler=lambda gm, ex: gm, bw_compiler=bw)
 
 
-def test_compiled_gradients_that_disagree_with_eager_are_rejected():
+@pytest.mark.parametrize("amp,why", [
+    ("none", "network a's gradients off by 1 (relative, tolerance 0.02)"),
+    ("bf16", "network a's gradients off (norm ratio 2, cosine 1)")])
+def test_compiled_gradients_that_disagree_with_eager_are_rejected(amp, why):
     """The dry run compares the compiled step's loss and gradients with the eager step's
     (it caught torch 2.13's CPU Inductor miscompiling the CPS backward): a wrong backward
     is rejected with one line, and the run trains on the uncompiled step as if nothing
-    had been tried."""
+    had been tried. In bf16 the check is for gross errors (here: gradients twice too big)."""
     batches = _batches(3)
-    nets_e, eager = _step("supervised", "torch")
-    nets_c, inner = _step("supervised", "torch")
+    nets_e, eager = _step("supervised", "torch", amp=amp)
+    nets_c, inner = _step("supervised", "torch", amp=amp)
     said = []
     fast = CompiledStep(inner, "default", backend=_doubling_backward(), on_fallback=said.append)
     le, lc = _run(eager, batches), _run(fast, batches)
     torch._dynamo.reset()
     assert not fast.compiled and len(said) == 1, said
-    assert "CompileMismatch: the compiled step's gradients of network a differ from the " \
-           "eager step's by 1 (relative; tolerance 0.02)" in said[0]
+    assert ("(CompileMismatch: the compiled step disagrees with the eager step: " + why
+            + " -- a miscompile); running the uncompiled step") in said[0]
     assert fast.report()["compile_check_error"] == pytest.approx(1.0, rel=1e-3)
     for a, b in zip(le, lc):
         assert torch.equal(a["loss"], b["loss"])
@@ -421,40 +425,66 @@ def test_trainer_reports_the_compilation_once(make_config, tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------- GPU
+def _copy_state(dst: TrainStep, src: TrainStep) -> None:
+    """dst's networks, momentum and schedule := src's (teacher forcing: each step of the
+    comparison starts from the same state, so that differences cannot compound)."""
+    with torch.no_grad():
+        for nd, ns in zip(dst.nets, src.nets):
+            for a, b in zip(list(nd.parameters()) + list(nd.buffers()),
+                            list(ns.parameters()) + list(ns.buffers())):
+                a.copy_(b)
+        pd = [p for g in dst.optim.optimizer.param_groups for p in g["params"]]
+        ps = [p for g in src.optim.optimizer.param_groups for p in g["params"]]
+        for a, b in zip(pd, ps):
+            dst.optim.optimizer.state[a]["momentum_buffer"].copy_(
+                src.optim.optimizer.state[b]["momentum_buffer"])
+        dst.optim.step_t.copy_(src.optim.step_t)
+        dst.optim.lr_t.copy_(src.optim.lr_t)
+
+
+def _flat(nets) -> torch.Tensor:
+    return torch.cat([p.detach().double().flatten() for n in nets for p in n.parameters()])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["cps", "cps-cutmix", "supervised"])
 def test_compiled_and_captured_step_equals_eager_over_20_steps_bf16(method):
-    """The fast step on a GPU: Inductor code, the Triton loss ops, fused SGD, one CUDA graph.
-    bf16 rounds differently once fused (fp32 inside a kernel, bf16 between eager ops), so
-    the comparison is against eager bf16 within a bf16 tolerance, and the compiled step may
-    be no further from the fp32 eager run than eager bf16 is (x2, plus a floor)."""
+    """The fast step on a GPU -- Inductor's code, the Triton loss ops, fused SGD, one CUDA
+    graph -- against the eager step, step by step over 20 steps (warm-up, capture and 16
+    replays), each from the compiled run's state (so that the chaos described at the top
+    cannot compound). bf16 rounds differently once fused, and flips argmax pseudo-labels at
+    near-ties, so: the losses within a bf16 tolerance of eager bf16, and each step's update
+    no further from the fp32 eager update than the eager bf16 one is (x2, plus a floor)."""
     dev = torch.device("cuda")
     torch._dynamo.reset()
-    batches = _batches(20, device=dev)
-
-    def run(compiled, amp):
-        nets, step = _step(method, "auto", amp=amp, lr=0.02, device=dev, seed_gen=False)
-        if compiled:
-            inner = CompiledStep(step, "default")
-            step = GraphStep(inner, warmup=3)
-        torch.manual_seed(0)  # CutMix masks from the default CUDA generator, as the trainer
-        losses = [step(b)["loss"].float().clone() for b in batches]
-        if compiled:
-            assert inner.compiled and inner.graphs == 1, inner.report()
-            assert step.captured and step.fallback_reason is None  # capture fails on a sync
-            assert int(inner.optim.step_t) == 20
-        return torch.stack(losses).cpu(), torch.cat([p.detach().float().flatten()
-                                                     for n in nets for p in n.parameters()])
-
-    l32, p32 = run(False, "none")
-    le, pe = run(False, "bf16")
-    lc, pc = run(True, "bf16")
+    batches = _batches(20, device=dev, size=64, images=4)
+    kw = dict(device=dev, seed_gen=False, total=100)
+    nets_c, step_c = _step(method, "auto", amp="bf16", **kw)
+    nets_e, step_e = _step(method, "auto", amp="bf16", **kw)
+    nets_f, step_f = _step(method, "auto", amp="none", **kw)
+    inner = CompiledStep(step_c, "default")
+    fast = GraphStep(inner, warmup=3)
+    torch.manual_seed(0)  # CutMix masks: the default CUDA generator, as the trainer's
+    err_c, err_e = [], []
+    for b in batches:
+        for s in (step_e, step_f):
+            _copy_state(s, step_c)
+        before = _flat(nets_c)
+        rng = torch.cuda.get_rng_state()
+        out_c = {k: v.clone() for k, v in fast(b).items()}  # replays rewrite the outputs
+        torch.cuda.set_rng_state(rng)  # the same masks for the eager steps
+        out_e = step_e(b)
+        torch.cuda.set_rng_state(rng)
+        step_f(b)
+        d_c, d_e, d_f = (_flat(n) - before for n in (nets_c, nets_e, nets_f))
+        err_c.append(float((d_c - d_f).norm() / d_f.norm()))
+        err_e.append(float((d_e - d_f).norm() / d_f.norm()))
+        assert float(out_c["nonfinite"]) == 0.0
+        for k in ("loss", "sup_a", "sup_b", "cps"):
+            torch.testing.assert_close(out_c[k].float(), out_e[k].float(), rtol=5e-2,
+                                       atol=5e-2, msg=k)
     torch._dynamo.reset()
-    assert torch.isfinite(lc).all()
-    torch.testing.assert_close(lc, le, rtol=5e-2, atol=5e-2)
-    err_c = (lc - l32).abs().mean()
-    err_e = (le - l32).abs().mean()
-    assert err_c <= 2 * err_e + 1e-2, (err_c, err_e)
-    perr_c = (pc - p32).norm() / p32.norm()
-    perr_e = (pe - p32).norm() / p32.norm()
-    assert perr_c <= 2 * perr_e + 1e-3, (perr_c, perr_e)
+    assert inner.compiled and inner.graphs == 1, inner.report()
+    assert fast.captured and fast.fallback_reason is None  # capture fails on any sync
+    assert int(step_c.optim.step_t) == 20
+    assert sum(err_c) <= 2 * sum(err_e) + 0.05 * len(err_c), (err_c, err_e)
