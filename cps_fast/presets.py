@@ -124,7 +124,8 @@ def check_backbone_start(cfg: Config) -> None:
         bb = cfg.model.backbone
         depth = "101" if "101" in bb else "50"
         expects = BACKBONE_FILES.get(bb, "an ImageNet ResNet state dict")
-        other = (f"; a torchvision file needs --set model.backbone=resnet{depth}_tv"
+        other = (f"; a torchvision file needs --set model.backbone=resnet{depth}_tv, an "
+                 f"mmcv one resnet{depth}_mmseg (README: Backbone weights)"
                  if bb in ("resnet50", "resnet101") else "")
         raise ConfigError(
             f"model.pretrained: preset {cfg.preset} starts from an ImageNet backbone (its "
