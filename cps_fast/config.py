@@ -35,6 +35,8 @@ class DataConfig:
     unlabeled_list: Optional[str] = None
     val_list: Optional[str] = None
     split_seed: int = 0                 # seed of generated partitions
+    labeled_pool: str = "train"         # train | fine: draw labeled images from the whole train
+                                        # list, or (VOC) from the 1464 finely annotated ones
     num_classes: int = 6                # the synthetic set; the VOC and Cityscapes presets set 21, 19
     ignore_index: int = 255
     crop_size: int = 512
@@ -66,6 +68,8 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.loader in ("torch", "dali"), "data.loader", "torch or dali")
         _check(self.check in ("fast", "full", "none"), "data.check", "fast, full or none")
+        _check(self.labeled_pool in ("train", "fine"), "data.labeled_pool",
+               f"train or fine, not {self.labeled_pool!r}")
         parse_split(self.split)  # raises ConfigError on a bad value
 
 

@@ -1,7 +1,9 @@
 """``python -m cps_fast.data splits|check|preview|prepare`` — the data command line.
 
-    splits   write labeled / unlabeled lists for each partition asked, in the official file
-             naming (train_aug_labeled_1-8.txt), so that a run can be repeated exactly
+    splits   write labeled / unlabeled lists for each partition asked, so that a run can be
+             repeated exactly: --format cps (default) in the CPS file naming
+             (train_aug_labeled_1-8.txt; pseudoseg_labeled_92.txt for data.labeled_pool=fine),
+             --format unimatch as UniMatch's <split>/{labeled,unlabeled}.txt + val.txt
     check    scan the dataset and report every problem at once (exit 1 if any)
     preview  write N augmented training samples as PNGs (image | colour label)
     prepare  generate the synthetic dataset; for Cityscapes write *_labelTrainIds.png
@@ -80,21 +82,35 @@ def _common(p: argparse.ArgumentParser, multi_split: bool = False) -> None:
 
 
 def cmd_splits(args) -> int:
-    from .datasets import build_splits, split_tag, write_list
+    from .datasets import build_splits
+    from .splits import split_tag, unimatch_tag, write_list
 
     cfg = config_from_args(args)
     os.makedirs(args.out, exist_ok=True)
+    root = None
     for split in (args.split or [cfg.data.split]):
         over = [f"data.split={split}", "data.split_dir=none", "data.labeled_list=none",
                 "data.unlabeled_list=none"]
         sp = build_splits(cfg.apply_overrides(over).data)
-        tag = split_tag(split)
-        paths = cfg.data.dataset == "cityscapes"  # official Cityscapes lists hold paths
         root = sp.sources["root"]
+        if args.format == "unimatch":  # splits/<dataset>/<n>/{labeled,unlabeled}.txt
+            folder = os.path.join(args.out, unimatch_tag(split))
+            names = {k: os.path.join(folder, f"{k}.txt") for k in ("labeled", "unlabeled")}
+            shown = f"{folder}/{{labeled,unlabeled}}.txt"
+            fmt = "unimatch"
+        else:  # the CPS naming; the official Cityscapes lists hold paths, VOC's bare ids
+            prefix = "pseudoseg" if cfg.data.labeled_pool == "fine" else "train_aug"
+            tag = split_tag(split)
+            names = {k: os.path.join(args.out, f"{prefix}_{k}_{tag}.txt")
+                     for k in ("labeled", "unlabeled")}
+            shown = f"{args.out}/{prefix}_{{labeled,unlabeled}}_{tag}.txt"
+            fmt = "cps" if cfg.data.dataset == "cityscapes" else "ids"
         for kind, samples in (("labeled", sp.labeled), ("unlabeled", sp.unlabeled)):
-            write_list(os.path.join(args.out, f"train_aug_{kind}_{tag}.txt"), samples, root, paths)
-        print(f"split {split} (seed {cfg.data.split_seed}): {len(sp.labeled)} labeled, "
-              f"{len(sp.unlabeled)} unlabeled -> {args.out}/train_aug_{{labeled,unlabeled}}_{tag}.txt")
+            write_list(names[kind], samples, root, fmt=fmt)
+        print(f"split {split} (seed {cfg.data.split_seed}, {cfg.data.labeled_pool} pool): "
+              f"{len(sp.labeled)} labeled, {len(sp.unlabeled)} unlabeled -> {shown}")
+    if args.format == "unimatch" and root is not None:  # UniMatch keeps val.txt beside them
+        write_list(os.path.join(args.out, "val.txt"), sp.val, root, fmt="unimatch")
     return 0
 
 
@@ -208,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("splits", help="write labeled/unlabeled lists for partitions")
     _common(p, multi_split=True)
     p.add_argument("--out", required=True, help="folder for the list files")
+    p.add_argument("--format", choices=("cps", "unimatch"), default="cps",
+                   help="cps: train_aug_{labeled,unlabeled}_1-8.txt (bare ids for VOC, "
+                        "/image<TAB>/label for Cityscapes); unimatch: <split>/"
+                        "{labeled,unlabeled}.txt of 'image label' lines, and val.txt")
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser("check", help="validate the dataset, report every problem")
