@@ -27,27 +27,28 @@ from ..errors import CpsFastError, DataError
 # --------------------------------------------------------------------------- config
 
 
-def base_config(preset: Optional[str]) -> Config:
-    """The starting Config: a named preset (cps_fast.presets) or the defaults."""
-    if preset:
-        from .. import presets
-        return presets.get(preset)
-    return Config()
+def base_config(preset: Optional[str], config_file: Optional[str] = None) -> Config:
+    """The starting Config: a named preset (cps_fast.presets) or the defaults, with a run
+    file (``--config``, YAML or JSON, see cps_fast/runfile.py) applied on top."""
+    from ..runfile import build_config
+    return build_config(preset, None, config_file, default_preset=None)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Apply --dataset, --data-root, --split, --split-seed, --split-dir and --set to a Config."""
+    """Apply --config, --dataset, --data-root, --split, --split-seed, --split-dir and --set
+    to a preset's (or the default) Config."""
     from .datasets import dataset_num_classes
 
-    cfg = base_config(getattr(args, "preset", None))
-    items = []
+    preset, config_file = getattr(args, "preset", None), getattr(args, "config", None)
+    cfg = base_config(preset, config_file)
+    items = [f"preset={preset}"] if preset else []
     sets = list(args.set or [])
     if args.dataset:
         items.append(f"data.dataset={args.dataset}")
         # Convenience: follow the dataset's class count unless --set gives one.
         if not any(s.strip().startswith("data.num_classes=") for s in sets):
             items.append(f"data.num_classes={dataset_num_classes(args.dataset)}")
-    elif not getattr(args, "preset", None) and not any(
+    elif not preset and not config_file and not any(
             s.strip().startswith("data.num_classes=") for s in sets):
         items.append(f"data.num_classes={dataset_num_classes(cfg.data.dataset)}")
     if args.data_root:
@@ -66,6 +67,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _common(p: argparse.ArgumentParser, multi_split: bool = False) -> None:
     p.add_argument("--preset", help="start from a preset of cps_fast.presets")
+    p.add_argument("--config", metavar="FILE",
+                   help="run file (YAML or JSON, e.g. a run's config.json) applied on top of "
+                        "the preset; the options below apply on top of it")
     p.add_argument("--dataset", choices=("synthetic", "voc", "cityscapes"))
     p.add_argument("--data-root", help="dataset root directory")
     if multi_split:
