@@ -46,7 +46,8 @@ def _load(path: str) -> Any:
     except IsADirectoryError:
         raise ConfigError(f"--config {path}: is a directory, not a run file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        why = getattr(e, "strerror", None) or e
+        raise ConfigError(f"--config {path}: cannot read ({why})") from None
     if ext == ".json":
         try:
             return json.loads(text)

@@ -8,8 +8,8 @@ per file from its content:
                 (``/images/train/x.png<TAB>/segmentation/train/x_gtFine.png``);
 - ``unimatch``  ``image label`` separated by a space, relative to the root: UniMatch's and
                 U2PL's ``splits/<dataset>/<n>/{labeled,unlabeled}.txt``
-                (``JPEGImages/x.jpg SegmentationClass/x.png``,
-                ``leftImg8bit/train/c/x_leftImg8bit.png gtFine/train/c/x_gtFine_labelTrainIds.png``).
+                (``JPEGImages/x.jpg SegmentationClass/x.png``, ``leftImg8bit/train/c/
+                x_leftImg8bit.png gtFine/train/c/x_gtFine_labelTrainIds.png``).
 
 A line holding a single image path (no label) fits either path format. CRLF, a UTF-8 BOM,
 trailing blanks, blank lines and ``#`` comments are tolerated; a line that fits no format,
@@ -266,17 +266,18 @@ def find_split_files(split_dir: str, split: str, pool: str = "train",
     def wanted(p: str) -> bool:
         return ("pseudoseg" in os.path.basename(p)) == (pool == "fine")
 
-    found = {"labeled": [], "unlabeled": []}
+    labeled: list = []
     for depth in ("", "*", "*/*"):
         for n in names:
             for p in glob.glob(os.path.join(base, depth, f"*labeled_{split_tag(n)}.txt")):
-                kind = "unlabeled" if re.search(r"(^|_)unlabeled_", os.path.basename(p)) else "labeled"
-                if wanted(p) and p not in found[kind]:
-                    found[kind].append(p)
-        if found["labeled"]:
+                # '*labeled_' also matches the '..._unlabeled_' lists: those are partners.
+                if (not re.search(r"(^|_)unlabeled_", os.path.basename(p)) and wanted(p)
+                        and p not in labeled):
+                    labeled.append(p)
+        if labeled:
             break
     what = "pseudoseg_labeled" if pool == "fine" else "labeled"
-    labeled = sorted(found["labeled"])
+    labeled.sort()
     if not labeled:
         tags = "|".join(dict.fromkeys(split_tag(n) for n in names))
         raise DataError(f"data.split_dir: no labeled list for split {split} in {split_dir} "
