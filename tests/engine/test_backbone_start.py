@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from cps_fast import presets
+from cps_fast.cli import config_from_args
 from cps_fast.config import Config, ModelConfig
 from cps_fast.engine.trainer import Trainer
 from cps_fast.errors import ConfigError
 from cps_fast.models import build_model
 from cps_fast.models.resnet import build_backbone
+from cps_fast.train import build_parser
 
 PAPER_PRESETS = sorted(n for n in presets.PRESETS if n != "synthetic")
 
@@ -104,6 +106,10 @@ def test_explicit_from_scratch_runs_says_so_and_round_trips(tmp_path, capsys):
     assert again.to_dict() == cfg.to_dict()
     resumed = Trainer(again, run, resume="latest", quiet=True)
     assert resumed.step == 2
+    # ... and as a run file it repeats the run: still from scratch, not "required"
+    args = build_parser().parse_args(["--config", str(run / "config.json"),
+                                      "--out", str(tmp_path / "again")])
+    assert config_from_args(args).to_dict() == {**cfg.to_dict(), "out": str(tmp_path / "again")}
 
 
 def test_a_backbone_file_starts_the_paper_preset_and_is_recorded(tmp_path):
