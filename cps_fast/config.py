@@ -151,7 +151,8 @@ class ModelConfig:
 class LossConfig:
     supervised: str = "ce"              # ce | ohem
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 50000          # per process batch
+    ohem_min_kept: int = 50000          # per image (official: 50000 x images per GPU, 1 image
+                                        # per GPU), independent of the batch and GPU count
     cps_weight: float = 1.5             # lambda
     cps_rampup: int = 0                 # iterations of sigmoid ramp-up of lambda (0: constant,
                                         # as the paper, whose networks start pretrained)
