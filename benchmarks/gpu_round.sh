@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU round in one call on a lent GPU machine (../shared/GPU.md): build the
+# The whole GPU round in one call on a briefly lent GPU machine: build the
 # extension for sm_90, run the gpu-marked tests, then the benchmarks, most important first,
 # each under a time limit inside one overall budget, so that one call of the device tool
 # (at most 600 s, out of a session's ~15 min of device time) brings back the headline even
