@@ -17,8 +17,9 @@ threads each variant gets (DALI ``num_threads`` and host readers; PyTorch DataLo
 workers). The median over ``--reps`` repetitions of ``--iters`` batches is reported, after
 ``--warmup`` batches; the spread is max - min over the repetitions.
 
-On the GPU machine (no DALI there: stage the wheels with ``../shared/device/stage-wheels``
-as ``../shared/GPU.md`` says, then, in the measuring call)::
+On a GPU machine without DALI installed (and no registry to install it from), unpack the
+DALI wheels for its Python into a folder that travels with the run (here ``/tmp/site``),
+then, in the measuring call::
 
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     python3 -m pytest -q -m gpu tests/data/test_dali.py

@@ -35,6 +35,8 @@ class DataConfig:
     unlabeled_list: Optional[str] = None
     val_list: Optional[str] = None
     split_seed: int = 0                 # seed of generated partitions
+    labeled_pool: str = "train"         # train | fine: draw labeled images from the whole train
+                                        # list, or (VOC) from the 1464 finely annotated ones
     num_classes: int = 6                # the synthetic set; the VOC and Cityscapes presets set 21, 19
     ignore_index: int = 255
     crop_size: int = 512
@@ -66,6 +68,8 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.loader in ("torch", "dali"), "data.loader", "torch or dali")
         _check(self.check in ("fast", "full", "none"), "data.check", "fast, full or none")
+        _check(self.labeled_pool in ("train", "fine"), "data.labeled_pool",
+               f"train or fine, not {self.labeled_pool!r}")
         parse_split(self.split)  # raises ConfigError on a bad value
 
 
@@ -240,25 +244,75 @@ class Config:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
             key, raw = item.split("=", 1)
             key = key.strip()
-            path = key.split(".")
-            node, cls_node = d, Config
-            for i, part in enumerate(path):
-                hints = get_type_hints(cls_node)
-                if part not in hints:
-                    known = ", ".join(sorted(hints))
-                    raise ConfigError(f"--set {key}: unknown key {part!r} (known: {known})")
-                if i == len(path) - 1:
-                    node[part] = _parse_value(raw, hints[part], key)
-                else:
-                    cls_node = hints[part]
-                    if not dataclasses.is_dataclass(cls_node):
-                        raise ConfigError(f"--set {key}: {part!r} is not a section")
-                    node = node[part]
+            node, leaf, typ = _locate(d, key, f"--set {key}")
+            node[leaf] = _parse_value(raw, typ, key)
         return Config.from_dict(d)
+
+    def apply_values(self, values: dict, source: str) -> "Config":
+        """Apply already-typed values ``{dotted key: value}`` (a run file's, see
+        cps_fast/runfile.py); returns a new, re-validated Config. Every error names the key
+        and ``source``."""
+        d = self.to_dict()
+        try:
+            for key, value in values.items():
+                node, leaf, typ = _locate(d, key, key)
+                node[leaf] = _coerce_value(value, typ, key)
+            return Config.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _locate(d: dict, key: str, label: str) -> tuple:
+    """(dict holding the leaf, leaf name, its type) of dotted ``key`` in ``d`` (a Config's
+    to_dict()); unknown keys raise ConfigError starting with ``label``."""
+    path = key.split(".")
+    node, cls_node = d, Config
+    for i, part in enumerate(path):
+        hints = get_type_hints(cls_node)
+        if part not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{label}: unknown key {part!r} (known: {known})")
+        if i == len(path) - 1:
+            return node, part, hints[part]
+        cls_node = hints[part]
+        if not dataclasses.is_dataclass(cls_node):
+            raise ConfigError(f"{label}: {part!r} is not a section")
+        node = node[part]
+    raise ConfigError(f"{label}: empty key")  # unreachable: split() gives >= 1 part
 
 
 def _coerce_loaded(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
+
+
+def _coerce_value(value: Any, typ: Any, key: str) -> Any:
+    """A value as YAML/JSON typed it, checked against the field's type: strings are parsed
+    as ``--set`` parses them; a number is no bool, an int field takes no 2.5."""
+    declared, origin = typ, get_origin(typ)
+    if origin is not None and type(None) in get_args(typ):  # Optional[X]
+        if value is None:
+            return None
+        typ = next(a for a in get_args(typ) if a is not type(None))
+    name = getattr(typ, "__name__", str(typ))
+    bad = ConfigError(f"{key}: {value!r} is not a valid {name}")
+    if isinstance(value, str):
+        try:
+            return _parse_value(value, declared, key)
+        except ConfigError:
+            raise bad from None
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is int and is_num and float(value).is_integer():
+        return int(value)
+    if typ is float and is_num:
+        return float(value)
+    if typ is str and is_num:  # data.split: 183 in YAML is an int
+        return str(value)
+    if typ is tuple and isinstance(value, (list, tuple)):
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            return tuple(float(x) for x in value)
+    raise bad
 
 
 def _parse_value(raw: str, typ: Any, key: str) -> Any:

@@ -4,6 +4,11 @@
 ``voc_{r50,r101}_1-{16,8,4,2}`` and ``city_{r50,r101}_1-{16,8,4,2}`` with the settings of
 DESIGN.md section 2; ``get(name, method)`` applies the method's CPS weight (CutMix uses
 1.0 on VOC and 5 on Cityscapes instead of 1.5 and 6).
+
+``voc_{r50,r101}_hq{92,183,366,732,1464}`` are VOC's few-label ("high-quality labels")
+protocol of PseudoSeg, used by CPS, U2PL and UniMatch: that many labeled images from the
+1464 finely annotated train images (``data.labeled_pool=fine``), the rest of train_aug
+unlabeled; everything else as the VOC presets.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from .errors import ConfigError
 VOC_EPOCHS = {"1/16": 32, "1/8": 34, "1/4": 40, "1/2": 60}
 CITY_EPOCHS = {"1/16": 128, "1/8": 137, "1/4": 160, "1/2": 240}
 PARTITIONS = {"1-16": "1/16", "1-8": "1/8", "1-4": "1/4", "1-2": "1/2"}
+# The few-label protocol: labeled counts drawn from VOC's 1464 fine images (1/16 ... 1/2 of
+# them, and all). 30 epochs over the unlabeled set (~39k iterations at batch 8, as the
+# train_aug partitions): what the CPS authors trained for these (TorchSemiSeg issue #22).
+VOC_FINE_COUNTS = (92, 183, 366, 732, 1464)
+VOC_FINE_EPOCHS = 30
 
 
 def synthetic(method: str = "cps") -> Config:
@@ -52,6 +62,12 @@ def _voc(backbone: str, partition: str, method: str) -> Config:
     )
 
 
+def _voc_fine(backbone: str, count: int, method: str) -> Config:
+    return _voc(backbone, "1-8", method).apply_overrides(
+        [f"preset=voc_{backbone}_hq{count}", f"data.split={count}", "data.labeled_pool=fine",
+         f"train.epochs={VOC_FINE_EPOCHS}"])
+
+
 def _city(backbone: str, partition: str, method: str) -> Config:
     return Config(
         preset=f"city_{backbone}_{partition}",
@@ -73,6 +89,8 @@ def _registry() -> dict[str, Callable[[str], Config]]:
         for part in PARTITIONS:
             reg[f"voc_{bb}_{part}"] = lambda m, bb=bb, part=part: _voc(bb, part, m)
             reg[f"city_{bb}_{part}"] = lambda m, bb=bb, part=part: _city(bb, part, m)
+        for n in VOC_FINE_COUNTS:
+            reg[f"voc_{bb}_hq{n}"] = lambda m, bb=bb, n=n: _voc_fine(bb, n, m)
     return reg
 
 
