@@ -65,7 +65,7 @@ import importlib.util
 import io
 import json
 import os
-import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -154,24 +154,30 @@ def _pytest(r: "Round", name: str, kexpr: str, dry: bool) -> list:
 
 
 def _install(r: "Round") -> list:
+    py = shlex.quote(sys.executable)
     return ["bash", "-c",
-            f"CPS_FAST_SKIP_EXT=1 {sys.executable} -m pip install --no-build-isolation "
-            f"--no-deps -e . && {sys.executable} -c 'import cps_fast.kernels, cps_fast.ops; "
+            f"CPS_FAST_SKIP_EXT=1 {py} -m pip install --no-build-isolation --no-deps -e . "
+            f"&& {py} -c 'import cps_fast.kernels, cps_fast.ops; "
             f"print(\"cps_fast.kernels imports\")'"]
 
 
 def _build(r: "Round") -> list:
+    # ';' not '&&': the extension's state is recorded whatever the build did
+    py = shlex.quote(sys.executable)
     return ["bash", "-c",
             f"CPS_FAST_CUDA=1 CPS_FAST_CUDA_ARCHS=90 CPS_FAST_BUILD_JOBS=16 "
-            f"{sys.executable} -m pip install -v --no-build-isolation --no-deps -e . ; "
-            f"cp build/ptxas_summary.txt {r.work}/ 2>/dev/null; "
-            f"{sys.executable} -u benchmarks/ceilings.py --ext-only --out {r.records('other')}"]
+            f"{py} -m pip install -v --no-build-isolation --no-deps -e . ; "
+            f"cp build/ptxas_summary.txt {shlex.quote(r.work)}/ 2>/dev/null; "
+            f"{py} -u benchmarks/ceilings.py --ext-only --out {shlex.quote(r.records('other'))}"]
+
+
+def _env_stage(r: "Round") -> list:
+    return ["bash", "-c", f"nvidia-smi; {shlex.quote(sys.executable)} -u benchmarks/ceilings.py "
+                          f"--out {shlex.quote(r.records('other'))}"]
 
 
 STAGES = [
-    Stage("env", 30,
-          lambda r: ["bash", "-c", f"nvidia-smi; {sys.executable} -u benchmarks/ceilings.py "
-                                   f"--out {r.records('other')}"],
+    Stage("env", 30, _env_stage,
           lambda r: _bench("ceilings.py", "--quick", "--out", r.records("other")),
           records="other", kind="env"),
     Stage("install", 60, _install,
