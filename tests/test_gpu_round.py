@@ -82,7 +82,8 @@ def _records(path):
 
 @pytest.mark.slow
 def test_a_whole_dry_round(tmp_path):
-    """Every stage's own command, tiny, on the CPU (~1 min on an idle 2-core machine)."""
+    """Every stage's own command, tiny, on the CPU (about a minute of CPU time: 15 processes
+    that each import torch; 2.5 min of wall time on a shared, loaded 2-core machine)."""
     stages = [s.name for s in _module().select(None, False)]
     r, out = _round(tmp_path)
     rows, archived, logs, summary = _what_comes_back(out, stages)
@@ -97,11 +98,15 @@ def test_a_whole_dry_round(tmp_path):
         assert rows[name]["verdict"].startswith("FAIL"), rows[name]
         assert "graph_fused: fallback: CUDA graph not captured" in rows[name]["verdict"]
         assert "eager_amp_cl" in rows[name]["headline"]
-    for name in ("env", "install", "tests_gpu", "kernels", "ops_backends",
-                 "tests_gpu_compile", "voc_rest", "compile"):
-        assert rows[name]["verdict"] == "ok", (name, rows[name], logs.get(name))
+    other = _records(out / "other.jsonl")
+    ext = [x["ext"] for x in other if x["benchmark"] == "extension"]
+    must_pass = ["env", "install", "tests_gpu", "kernels", "tests_gpu_compile", "voc_rest",
+                 "compile"] + (["ops_backends"] if ext != ["unavailable"] else [])
+    for name in must_pass:
+        assert rows[name]["verdict"] == "ok", (name, rows[name], logs)
         assert rows[name]["rc"] == "0"
-    assert rows["build"]["headline"].startswith("extension: ")
+    assert rows["build"]["headline"] == f"extension: {ext[0]}"
+    assert (rows["build"]["verdict"] == "ok") == (ext == ["cuda"])
     assert "skipped" in rows["tests_gpu"]["headline"]
     assert "DRY RUN" in summary and "commit " in summary
     assert "profiles/profile-voc-eager_amp_cl.txt" in archived and "tests_gpu.xml" in archived
@@ -116,7 +121,6 @@ def test_a_whole_dry_round(tmp_path):
     assert compiled["compile_graphs"] >= 1 and compiled["fallback"] is None
     kern = _records(out / "kernels.jsonl")
     assert any("sort-based" in (x.get("baseline") or "") for x in kern)
-    other = _records(out / "other.jsonl")
     assert {"environment", "ceiling", "extension"} <= {x["benchmark"] for x in other}
     mine = [x for x in steps + kern + other if x["benchmark"] != "data_pipeline"]
     assert {x["commit"] for x in mine} == {steps[0]["commit"]}
