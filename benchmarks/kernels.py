@@ -15,7 +15,7 @@ Variants: eager (the reference in kernels/: for OHEM ``ohem_cross_entropy_refere
 official sort-based per-image selection -- not ``torch.kthvalue``, which runs as a single
 block on CUDA and would flatter the fused kernel), triton (cps_fast.ops backend "triton"),
 compile (torch.compile of the reference, default mode). Each record's ``baseline`` /
-``backend`` fields say what ran.
+``backend`` fields say what ran. min_kept is per image.
 
 Byte model (the compulsory traffic of forward + backward, the same numerator for every
 variant, so GB/s compare like for like; P = pixels, es = logits element size, te =

@@ -114,7 +114,8 @@ class ModelConfig:
 class LossConfig:
     supervised: str = "ce"              # ce | ohem
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 50000          # per process batch
+    ohem_min_kept: int = 50000          # per image (official: 50000 x images per GPU, 1 image
+                                        # per GPU), independent of the batch and GPU count
     cps_weight: float = 1.5             # lambda
     cps_rampup: int = 0                 # iterations of sigmoid ramp-up of lambda (0: constant,
                                         # as the paper, whose networks start pretrained)
@@ -146,21 +147,36 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    """How validation mIoU is measured; printed and stored with every figure (the protocol).
+
+    ``network`` says which figures are computed: ``all`` = network a, network b and their
+    ensemble (mean softmax), ``both`` = a and b, or one of ``a`` / ``b`` / ``ensemble``.
+    ``select`` says which of them is the headline ``miou`` and picks ``best.pt``: ``a`` as
+    the official CPS evaluation (it reports network 1), or ``b`` / ``ensemble`` / ``max``
+    (the best of those computed: optimistic, not the paper's protocol)."""
     mode: str = "whole"                 # whole | sliding
     crop_size: int = 512
     stride_rate: float = 2 / 3
     flip: bool = False
     scales: tuple = (1.0,)
     every: int = 0                      # evaluate every N iterations (0: only at the end)
-    network: str = "both"               # a | b | both (report each) | ensemble
+    network: str = "all"                # all | both | a | b | ensemble
+    select: str = "a"                   # a | b | ensemble | max: the headline miou, best.pt
+    max_batch: int = 16                 # network inputs (windows) per forward in evaluation
 
     def __post_init__(self):
         _check(self.mode in ("whole", "sliding"), "eval.mode", "whole or sliding")
+        _check(self.crop_size >= 1, "eval.crop_size", "must be >= 1")
         _check(0 < self.stride_rate <= 1, "eval.stride_rate", "in (0, 1]")
         self.scales = tuple(float(s) for s in self.scales)
+        _check(len(self.scales) > 0 and all(s > 0 for s in self.scales), "eval.scales",
+               "needs positive scales")
         _check(self.every >= 0, "eval.every", "must be >= 0")
-        _check(self.network in ("a", "b", "both", "ensemble"), "eval.network",
-               "a, b, both or ensemble")
+        _check(self.network in ("all", "both", "a", "b", "ensemble"), "eval.network",
+               "all, both, a, b or ensemble")
+        _check(self.select in ("a", "b", "ensemble", "max"), "eval.select",
+               "a, b, ensemble or max")
+        _check(self.max_batch >= 1, "eval.max_batch", "must be >= 1")
 
 
 @dataclass

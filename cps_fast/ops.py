@@ -182,7 +182,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
                        min_kept: int = 50000, ignore_index: int = 255,
                        backend: str = "auto") -> torch.Tensor:
-    """OHEM CE with the official CPS semantics (see kernels/ohem_cross_entropy.py)."""
+    """OHEM CE with the official CPS rule applied per image (``min_kept`` per image; the
+    loss is the mean over the images of their mean CE over the kept pixels; see
+    kernels/ohem_cross_entropy.py)."""
     check_logits_target("ohem_cross_entropy", logits, target, ignore_index)
     fn = resolve("ohem_cross_entropy", backend, logits.device.type)
     return fn(logits, target, thresh, min_kept, ignore_index)

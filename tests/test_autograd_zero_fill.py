@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cps_fast import ops
 from cps_fast.kernels.cps_loss import cps_loss_reference
 from cps_fast.kernels.cross_entropy import cross_entropy_reference
+from cps_fast.kernels.ohem_cross_entropy import ohem_cross_entropy_reference
 
 ZERO_FACTORIES = {"aten.zeros", "aten.zeros_like", "aten.new_zeros", "aten.full",
                   "aten.full_like", "aten.new_full", "aten.fill_", "aten.zero_"}
@@ -58,6 +59,21 @@ def test_cross_entropy_backward_allocates_no_zero_logits(backend):
     # ... and the gradient is still the right one.
     x64 = x.detach().double().requires_grad_(True)
     cross_entropy_reference(x64, t).backward()
+    assert (x.grad.double() - x64.grad).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_ohem_backward_allocates_no_zero_logits(backend):
+    _skip_unavailable(backend, "ohem_cross_entropy")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(SHAPE, generator=g, requires_grad=True)
+    t = torch.randint(0, SHAPE[1], (SHAPE[0],) + SHAPE[2:], generator=g)
+    loss = ops.ohem_cross_entropy(x, t, 0.7, 10, backend=backend)
+    with _Zeros() as z:
+        loss.backward()
+    assert SHAPE not in z.shapes, z.shapes
+    x64 = x.detach().double().requires_grad_(True)
+    ohem_cross_entropy_reference(x64, t, 0.7, 10).backward()
     assert (x.grad.double() - x64.grad).abs().max().item() < 1e-6
 
 

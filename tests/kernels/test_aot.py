@@ -48,5 +48,6 @@ def test_aot_compile_sm90_sm80_no_spills(tmp_path):
     names = {r["kernel"] for r in records}
     assert any(n.startswith("cps_loss_fwd") for n in names)
     assert any(n.startswith("ohem_hist") for n in names)
+    assert any(n.startswith("confusion_matrix") for n in names)
     assert all("error" not in r and r["spill_stores"] == 0 and r["spill_loads"] == 0
                for r in records)
