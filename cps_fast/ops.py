@@ -95,13 +95,21 @@ def implements(op: str, backend: str) -> bool:
                                  and backend in _IMPLS[op])
 
 
+def resolved_backend(op: str, backend: str, device_type: str) -> str:
+    """The backend that ``backend`` runs ``op`` with on ``device_type`` tensors: "auto"
+    resolved to the first available one (what the benchmarks record as having run)."""
+    if backend != "auto":
+        return backend
+    for b in AUTO_ORDER.get(device_type, ("torch",)):
+        if _load_backend(b) is None and b in _IMPLS[op] and _runs_on(b, device_type):
+            return b
+    return "torch"
+
+
 def resolve(op: str, backend: str, device_type: str) -> Callable:
     """The implementation of ``op`` for ``backend`` ("auto" picks the first available)."""
     if backend == "auto":
-        for b in AUTO_ORDER.get(device_type, ("torch",)):
-            if _load_backend(b) is None and b in _IMPLS[op] and _runs_on(b, device_type):
-                return _IMPLS[op][b]
-        return _IMPLS[op]["torch"]
+        return _IMPLS[op][resolved_backend(op, backend, device_type)]
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
     why = _load_backend(backend)
