@@ -310,6 +310,9 @@ if HAVE_TRITON:
     ohem_pass1_kernel_rows = rows_variant(ohem_pass1_kernel)
     ohem_bwd_kernel_rows = rows_variant(ohem_bwd_kernel)
     HIST_BLOCK = 4096      # keys per histogram program (16 KB read, <= 1024 atomics)
+    # 8 warps: with 4, triton 3.6 (the GPU machine's) spills the PASS=2 program's
+    # 4096-key + 2048-bin histogram (255 registers, 64 B of spills on sm_90; 3.9 does not).
+    HIST_WARPS = 8
     LOSS_BLOCK = 4096
     # The finaliser's tile: 16 images x 128 partials (Cityscapes: G = 157 per image, so two
     # column steps; 8 x 800^2 images take one row step).
@@ -350,7 +353,7 @@ if HAVE_TRITON:
                 if pass_ > 0:
                     ohem_hist_kernel[(gh, n)](key, state, hist, hw, min_kept, PASS=pass_,
                                               BLOCK=HIST_BLOCK, NBINS=NBINS,
-                                              HIST_BINS=HIST_BINS, num_warps=4)
+                                              HIST_BINS=HIST_BINS, num_warps=HIST_WARPS)
                 ohem_select_kernel[(n,)](hist, state, threshold, min_kept, float(thresh),
                                          PASS=pass_, NBINS=NBINS, num_warps=4)
         else:
@@ -468,7 +471,7 @@ if HAVE_TRITON:
                 signature={"key_ptr": "*i32", "state_ptr": "*i64", "hist_ptr": "*i32",
                            "HW": "i32", "min_kept": "i32"},
                 constexprs=dict(PASS=pass_, BLOCK=HIST_BLOCK, NBINS=NBINS, HIST_BINS=HIST_BINS),
-                divisible=("key_ptr", "state_ptr", "hist_ptr", "HW"), num_warps=4))
+                divisible=("key_ptr", "state_ptr", "hist_ptr", "HW"), num_warps=HIST_WARPS))
         for pass_ in (0, 1, 2):
             out.append(dict(
                 name=f"ohem_select[PASS={pass_}]", fn=ohem_select_kernel,
