@@ -111,8 +111,10 @@ PRESETS = {"voc": "voc_r50_1-8", "city": "city_r50_1-8"}
 def config_for(preset: str, variant: str, quick: bool, method: str):
     v = flags(variant)
     cfg = presets.get(PRESETS[preset], method)
+    # Random weights time the same as ImageNet ones; the paper presets would otherwise
+    # refuse to build without a backbone file (model.pretrained=required).
     items = [f"train.amp={v['amp']}", f"model.channels_last={str(v['cl']).lower()}",
-             f"train.kernels={v['kernels']}"]
+             f"train.kernels={v['kernels']}", "model.pretrained=none"]
     if quick:
         items += ["model.backbone=tiny", "model.aspp_channels=32", "model.decoder_channels=32",
                   "model.low_level_channels=16", "data.crop_size=64", "data.batch_size=2",

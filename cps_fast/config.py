@@ -14,7 +14,22 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Training scales: the paper's supplementary, and what the official code uses
+# (``C.train_scale_array``); ``--set data.scales=paper|official`` names either.
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+OFFICIAL_SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
+SCALE_SETS = {"paper": PAPER_SCALES, "official": OFFICIAL_SCALES}
+
+# model.backbone values (cps_fast/models/resnet.py BACKBONES builds them; a test keeps the
+# two lists equal): v1c deep stem 64-64-128 (CPS / TorchSemiSeg, the paper's), torchvision's
+# 7x7 stem (``_tv``), mmseg's ResNetV1c deep stem 32-32-64 (``_mmseg``), and a tiny CPU one.
+BACKBONE_NAMES = ("resnet50", "resnet101", "resnet50_tv", "resnet101_tv",
+                  "resnet50_mmseg", "resnet101_mmseg", "tiny")
+# model.pretrained sentinels: a paper preset sets REQUIRED, which a run refuses to start
+# with (the published numbers assume an ImageNet backbone); NONE is an explicit choice to
+# train from scratch, and it is what config.json then records.
+PRETRAINED_REQUIRED = "required"
+PRETRAINED_NONE = "none"
 
 
 from .errors import ConfigError  # noqa: E402  (re-exported: config users import it from here)
@@ -23,6 +38,22 @@ from .errors import ConfigError  # noqa: E402  (re-exported: config users import
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _scales(value: Any, key: str, named: dict[str, tuple] | None = None) -> tuple:
+    """A tuple of positive floats, or (for ``data.scales``) the name of a set."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if named and name in named:
+            return tuple(named[name])
+        known = f" or one of {', '.join(named)}" if named else ""
+        raise ConfigError(f"{key}: {value!r} is not a list of numbers{known}")
+    try:
+        out = tuple(float(s) for s in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a list of numbers") from None
+    _check(len(out) > 0 and all(s > 0 for s in out), key, "needs positive scales")
+    return out
 
 
 @dataclass
@@ -40,7 +71,7 @@ class DataConfig:
     num_classes: int = 6                # the synthetic set; the VOC and Cityscapes presets set 21, 19
     ignore_index: int = 255
     crop_size: int = 512
-    scales: tuple = PAPER_SCALES        # one scale drawn per sample
+    scales: tuple = PAPER_SCALES        # one scale drawn per sample; "paper" | "official" | a list
     flip: bool = True
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -58,9 +89,7 @@ class DataConfig:
         _check(0 <= self.ignore_index <= 255 and self.ignore_index >= self.num_classes,
                "data.ignore_index", "must be in [num_classes, 255]")
         _check(self.crop_size >= 16, "data.crop_size", "must be >= 16")
-        self.scales = tuple(float(s) for s in self.scales)
-        _check(len(self.scales) > 0 and all(s > 0 for s in self.scales), "data.scales",
-               "needs positive scales")
+        self.scales = _scales(self.scales, "data.scales", SCALE_SETS)  # stored resolved
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         _check(len(self.mean) == 3 and len(self.std) == 3, "data.mean/std", "need 3 values")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
@@ -93,9 +122,10 @@ def parse_split(split: str) -> tuple[str, float | int]:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"          # resnet50 | resnet101 | tiny
+    backbone: str = "resnet50"          # one of BACKBONE_NAMES (resnet50: v1c, the paper's)
     output_stride: int = 16             # 16 or 8
-    pretrained: str = "none"            # path to an ImageNet backbone state dict, or "none"
+    pretrained: str = PRETRAINED_NONE   # path to an ImageNet backbone state dict; "none":
+                                        # from scratch; "required": a path must be given
     bn_momentum: float = 0.1
     aspp_channels: int = 256
     decoder_channels: int = 256
@@ -104,8 +134,15 @@ class ModelConfig:
     channels_last: bool = False
 
     def __post_init__(self):
-        _check(self.backbone in ("resnet50", "resnet101", "tiny"), "model.backbone",
-               f"unknown backbone {self.backbone!r} (resnet50, resnet101, tiny)")
+        _check(self.backbone in BACKBONE_NAMES, "model.backbone",
+               f"unknown backbone {self.backbone!r} ({', '.join(BACKBONE_NAMES)})")
+        # An empty value (e.g. an unset shell variable in --set model.pretrained=$W) must
+        # not quietly mean "from scratch": that is only ever said with "none".
+        self.pretrained = str(self.pretrained).strip()
+        _check(self.pretrained != "", "model.pretrained",
+               "empty; give a backbone file, or 'none' to train from scratch")
+        if self.pretrained.lower() in (PRETRAINED_NONE, PRETRAINED_REQUIRED):
+            self.pretrained = self.pretrained.lower()
         _check(self.output_stride in (8, 16), "model.output_stride", "8 or 16")
         _check(0 < self.bn_momentum < 1, "model.bn_momentum", "in (0, 1)")
 
@@ -168,9 +205,7 @@ class EvalConfig:
         _check(self.mode in ("whole", "sliding"), "eval.mode", "whole or sliding")
         _check(self.crop_size >= 1, "eval.crop_size", "must be >= 1")
         _check(0 < self.stride_rate <= 1, "eval.stride_rate", "in (0, 1]")
-        self.scales = tuple(float(s) for s in self.scales)
-        _check(len(self.scales) > 0 and all(s > 0 for s in self.scales), "eval.scales",
-               "needs positive scales")
+        self.scales = _scales(self.scales, "eval.scales")
         _check(self.every >= 0, "eval.every", "must be >= 0")
         _check(self.network in ("all", "both", "a", "b", "ensemble"), "eval.network",
                "all, both, a, b or ensemble")
@@ -350,6 +385,8 @@ def _parse_value(raw: str, typ: Any, key: str) -> Any:
         if typ is float:
             return float(raw)
         if typ is tuple:
+            if raw and (raw[0].isalpha() or raw[0] == "_"):
+                return raw  # a named set (data.scales=official): the dataclass resolves it
             return tuple(float(x) for x in raw.strip("()[]").split(",") if x.strip())
         return raw
     except ValueError:

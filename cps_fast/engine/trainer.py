@@ -86,6 +86,9 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | os.PathLike, resume: Optional[str] = None,
                  dist_info: Optional[DistInfo] = None, device: Optional[torch.device] = None,
                  quiet: bool = False):
+        # A paper preset without its ImageNet backbone (or with a missing file) stops here,
+        # in one line, before any data is read or generated.
+        presets.check_backbone_start(cfg)
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         rank, world_size = self.dist.rank, self.dist.world_size
@@ -135,8 +138,16 @@ class Trainer:
             if cfg.model.channels_last:
                 net = net.to(memory_format=torch.channels_last)
             self.nets.append(net)
-        if getattr(self.nets[0], "pretrained_report", None) is not None:
-            self._say(f"pretrained backbone: {self.nets[0].pretrained_report}")
+        report = getattr(self.nets[0], "pretrained_report", None)
+        if report is not None:
+            self.backbone_start = (f"ImageNet weights from {report.path} "
+                                   f"({len(report.loaded)} tensors)")
+            self._say(f"pretrained backbone: {report}")
+        else:
+            self.backbone_start = "from scratch (model.pretrained=none)"
+            self._say(f"backbone: {self.backbone_start}" + (
+                "" if cfg.data.dataset == "synthetic" else
+                " -- the published numbers of this preset assume an ImageNet backbone"))
         seed_everything(cfg.train.seed)
 
         # ---- optimisation
@@ -205,6 +216,7 @@ class Trainer:
             raise ConfigError(f"--out {self.run_dir}: not writable ({e.strerror})") from None
         resolved = self.cfg.to_dict()
         resolved["derived"] = {"total_iters": self.total_iters, "base_lr": self.base_lr,
+                               "backbone_start": self.backbone_start,
                                "world_size": self.world_size,
                                "global_batch": self.cfg.data.batch_size * self.world_size,
                                "device": str(self.device),

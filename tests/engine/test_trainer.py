@@ -137,8 +137,9 @@ def _cli(*args, env_extra=None):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--preset", "voc_r50_1-8"], "data.root: not set"),
-    (["--preset", "voc_r50_1-8", "--data-root", "/nonexistent/voc"], "/nonexistent/voc"),
+    (["--preset", "voc_r50_1-8", "--set", "model.pretrained=none"], "data.root: not set"),
+    (["--preset", "voc_r50_1-8", "--set", "model.pretrained=none", "--data-root",
+      "/nonexistent/voc"], "/nonexistent/voc"),
     (["--preset", "nope"], "unknown preset"),
     (["--set", "optim.lrr=1"], "unknown key 'lrr'"),
     (["--set", "data.num_classes=7"], "data.num_classes"),
