@@ -191,9 +191,10 @@ def ddp_world1(module, device):
     """DDP over a one-process group (NCCL on the GPU, gloo on the CPU)."""
     import torch.distributed as dist
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        # An in-process store: one rank needs no TCP rendezvous (a fixed port collided with
+        # other jobs on a shared machine).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
