@@ -15,6 +15,8 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# synthetic (v1) and synthetic-v2 are generated; fashion is made of Fashion-MNIST mosaics.
+DATASETS = ("synthetic", "synthetic-v2", "fashion", "voc", "cityscapes")
 
 
 from .errors import ConfigError  # noqa: E402  (re-exported: config users import it from here)
@@ -27,7 +29,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"          # synthetic | voc | cityscapes
+    dataset: str = "synthetic"          # one of DATASETS
     root: Optional[str] = None          # data root; None = the synthetic cache directory
     split: str = "1/8"                  # labeled partition: "1/8" or a count such as "183"
     split_dir: Optional[str] = None     # folder of official split lists (train_aug_labeled_1-8.txt ...)
@@ -50,8 +52,8 @@ class DataConfig:
     check: str = "fast"                 # data check at start: fast | full | none
 
     def __post_init__(self):
-        _check(self.dataset in ("synthetic", "voc", "cityscapes"), "data.dataset",
-               f"unknown dataset {self.dataset!r} (synthetic, voc, cityscapes)")
+        _check(self.dataset in DATASETS, "data.dataset",
+               f"unknown dataset {self.dataset!r} ({', '.join(DATASETS)})")
         _check(self.num_classes >= 2, "data.num_classes", "needs at least 2 classes")
         _check(0 <= self.ignore_index <= 255 and self.ignore_index >= self.num_classes,
                "data.ignore_index", "must be in [num_classes, 255]")

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .datasets import DatasetInfo, voc_palette
+from .info import DatasetInfo, voc_palette
 
 SYNTHETIC_VERSION = 1   # the dataset's name (synthetic-v1)
 # Bumped whenever the generator's output changes: a set from an older generator is then
