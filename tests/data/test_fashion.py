@@ -86,17 +86,20 @@ def test_mosaic_masks_are_exact(tmp_path):
         assert np.all(lab[grey == 0] == 0)
         assert np.all(lab[grey > 0] > 0)
         seen = np.zeros_like(lab, dtype=bool)
-        for idx, cls, y0, x0, size in items:
+        for idx, cls, y0, x0, size, cell in items:
             assert cls == int(labs[idx]) + 1
             box = (slice(y0, y0 + size), slice(x0, x0 + size))
             assert not seen[box].any()  # items never overlap
             seen[box] = True
             assert np.all(lab[box][grey[box] > 0] == cls)
             assert (grey[box] > 0).any()
+            # inside its cell, at 0.7-1.0 of the cell's size
+            assert y0 // cell == (y0 + size - 1) // cell and x0 // cell == (x0 + size - 1) // cell
+            assert 0.7 * cell - 1 <= size <= cell
+            grids.add(cell)
         assert np.all(lab[~seen] == 0) and np.all(grey[~seen] == 0)
         assert np.all((grey == 0) | (grey >= fashion.HALO))  # no faint halo left
-        grids.add(round(fashion.CANVAS / max(s for *_, s in items)) if items else 0)
-    assert len(grids) >= 2  # several grid sizes (2x2 .. 4x4) and scales
+    assert grids == {fashion.CANVAS // g for g in fashion.GRIDS}  # every grid size occurs
 
 
 def test_tree_train_from_train_val_from_test(tmp_path):

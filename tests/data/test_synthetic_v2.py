@@ -83,13 +83,16 @@ def test_classes_and_appearance_modes():
     assert seen_vals == set(range(v2.NUM_CLASSES)) | {255}  # every class, ignore band
     modes = np.array(modes)
     assert set(np.unique(modes[:, 1])) == {0, 1, 2}
-    # A class has 3 x palettes appearance modes; half a pool covers every palette of every
-    # class, while 1/16 of a 512-image pool (32 images) misses many of them.
-    palettes_seen = {(c, q) for c, _, q in modes}
-    assert len(palettes_seen) == 5 * spec.palettes
+    # A class has 3 periods x ``palettes`` colour pairs = 18 appearance modes. Half a pool
+    # shows every mode many times; 32 images (1/16 of the 512-image pool) miss about a third
+    # of the modes and show each palette only a few times.
     n32 = sum(counts[:32])
-    few = {(c, q) for c, _, q in modes[:n32]}
-    assert len(few) < 0.75 * 5 * spec.palettes, len(few)
+    assert len({tuple(x) for x in modes}) == 5 * 3 * spec.palettes
+    few = modes[:n32]
+    assert len({tuple(x) for x in few}) < 0.75 * 5 * 3 * spec.palettes
+    per_palette = [((few[:, 0] == c) & (few[:, 2] == q)).sum()
+                   for c in range(1, 6) for q in range(spec.palettes)]
+    assert np.median(per_palette) <= 4
     per_class = np.bincount(modes[:, 0], minlength=6)[1:]
     assert per_class.min() > 0.6 * per_class.mean()  # classes drawn evenly
 
