@@ -29,7 +29,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"          # one of DATASETS
+    dataset: str = "synthetic-v2"       # one of DATASETS (synthetic = v1)
     root: Optional[str] = None          # data root; None = the synthetic cache directory
     split: str = "1/8"                  # labeled partition: "1/8" or a count such as "183"
     split_dir: Optional[str] = None     # folder of official split lists (train_aug_labeled_1-8.txt ...)

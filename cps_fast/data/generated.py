@@ -67,7 +67,7 @@ def marker_matches(root: str, want: dict) -> bool:
 _OURS = {"train", "val", "train.txt", "val.txt", MARKER}
 
 
-def check_target(root: str, dataset: str) -> None:
+def check_target(root: str, dataset: str, ours: frozenset | set = frozenset(_OURS)) -> None:
     """Refuse to generate ``dataset`` into a folder that holds something else (another
     dataset, a finished generation of another generated set, or any foreign file): a
     mistyped data.dataset or --data-root must not overwrite a user's data."""
@@ -77,7 +77,7 @@ def check_target(root: str, dataset: str) -> None:
         raise DataError(f"{root}: holds the generated {other} dataset, not {dataset}; choose "
                         f"another --data-root or set data.dataset={meta.get('dataset', 'synthetic')}")
     if os.path.isdir(root):
-        foreign = sorted(n for n in os.listdir(root) if n not in _OURS and ".tmp" not in n)
+        foreign = sorted(n for n in os.listdir(root) if n not in ours and ".tmp" not in n)
         if foreign:
             raise DataError(f"{root}: is not an (unfinished) generated {dataset} dataset (it "
                             f"holds {', '.join(foreign[:3])}); {dataset} is generated only "

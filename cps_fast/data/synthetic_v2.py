@@ -163,15 +163,18 @@ def _blob(dx: np.ndarray, dy: np.ndarray, r: float, rng: np.random.Generator) ->
 
 
 def render_scene(rng: np.random.Generator, spec: Spec = Spec(),
-                 palettes: Optional[np.ndarray] = None) -> tuple:
+                 palettes: Optional[np.ndarray] = None, instances: bool = False) -> tuple:
     """One image (H x W x 3 uint8) and its label (H x W uint8); also the objects drawn,
-    as (class, period index, palette index) triples: -> (image, label, modes)."""
+    as (class, period index, palette index) triples: -> (image, label, modes), and with
+    ``instances`` an H x W map of which object (1-based index into modes, 0 background)
+    each pixel shows -- to measure accuracy per appearance mode."""
     if palettes is None:
         palettes = world_palettes(spec)
     families = FAMILIES[spec.textures]
     h, w = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
     img = _smooth_noise(h, w, rng, int(rng.integers(2, 5)))
     lab = np.zeros((h, w), dtype=np.uint8)
+    inst = np.zeros((h, w), dtype=np.uint8)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     modes = []
     for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
@@ -189,6 +192,7 @@ def render_scene(rng: np.random.Generator, spec: Spec = Spec(),
         img[m] = fill[m]
         lab[m] = cls
         modes.append((cls, k, q))
+        inst[m] = len(modes)
     # Ignore band: pixels whose right or lower neighbour has another class.
     edge = np.zeros_like(lab, dtype=bool)
     edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
@@ -199,7 +203,8 @@ def render_scene(rng: np.random.Generator, spec: Spec = Spec(),
     # network learns fast -- for the palettes it has seen labeled.
     img = img * rng.uniform(0.9, 1.1) + rng.uniform(-8, 8)
     img = img * rng.uniform(0.96, 1.04, size=3) + rng.normal(0, 2, size=img.shape)
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8), lab, modes
+    img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return (img, lab, modes, inst) if instances else (img, lab, modes)
 
 
 # --------------------------------------------------------------------------- writing
@@ -219,6 +224,12 @@ def is_complete(root: str, n_train: Optional[int] = None, n_val: Optional[int] =
     if spec is None:
         want["spec"] = None
     return marker_matches(root, want)
+
+
+def scene_rng(seed: int, side_no: int, i: int) -> np.random.Generator:
+    """The generator of image ``i`` of side ``side_no`` (0 train, 1 val) of a set made
+    with ``seed``: re-rendering with it gives the stored image exactly."""
+    return _rng(seed, side_no, i)
 
 
 def _rng(seed: int, side_no: int, i: int) -> np.random.Generator:

@@ -160,3 +160,23 @@ def test_no_import_circle_between_the_index_and_the_generators():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in imported if m and m.split(".")[-1] in ("datasets", "loader")}, name
+
+
+def test_v1_never_generates_over_v2(tmp_path):
+    from cps_fast.errors import DataError
+    root = v2.generate(str(tmp_path / "v2"), 3, 1, 0)
+    with pytest.raises(DataError, match="holds the generated synthetic-v2 dataset, not synthetic"):
+        build_splits(DataConfig(dataset="synthetic", num_classes=6, root=root))
+    assert v2.is_complete(root, 3, 1, 0)
+
+
+def test_instance_maps_match_the_labels():
+    spec = v2.Spec()
+    a = v2.render_scene(v2.scene_rng(0, 0, 5), spec)
+    img, lab, modes, inst = v2.render_scene(v2.scene_rng(0, 0, 5), spec, instances=True)
+    assert np.array_equal(img, a[0]) and np.array_equal(lab, a[1]) and modes == a[2]
+    assert inst.max() == len(modes)
+    for k, (cls, _, _) in enumerate(modes, start=1):
+        shown = lab[inst == k]
+        assert set(np.unique(shown).tolist()) <= {cls, 255}
+    assert np.all((lab == 0) == ((inst == 0) & (lab != 255)))
