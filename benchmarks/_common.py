@@ -4,8 +4,10 @@ the device ceilings, JSON-lines records and the Markdown table (DESIGN.md sectio
 API
 ---
 ``environment(device) -> dict``      device name ("cpu" off the GPU), torch / triton
-                                     versions, commit (+ "-dirty"), UTC time
-``commit() -> str``
+                                     versions, commit, UTC time
+``commit() -> str``                  git's HEAD (+ "-dirty") when this tree is a git
+                                     checkout, else $CPS_FAST_COMMIT (the GPU machine gets no
+                                     .git), else "unknown"
 ``time_ms(fn, device, warmup=3, reps=10) -> dict``
                                      median_ms, spread_ms (max - min), samples_ms; CUDA events
                                      on the GPU (one host sync per repetition, outside the
@@ -18,7 +20,16 @@ API
 ``matmul_tflops(device, n, dtype) -> float``
                                      large square matmul (bf16 on the GPU), 2*n^3 / time
 ``ceilings(device, quick=False) -> dict``   both of the above, measured now
-``append_jsonl(path, records)``; ``markdown_table(records, columns) -> str``
+``ext_status() -> dict``             {"ext": "cuda" | "host-only" | "unavailable", "ext_reason"}
+``loss_backends(ops_used, asked, device_type) -> dict``
+                                     op -> the backend cps_fast.ops actually runs it with
+``fallback_from_auto(backends, asked, device_type) -> list[str]``
+                                     why "auto" did not get the device's first backend
+``seconds_left() -> float``          until $CPS_FAST_BENCH_DEADLINE (epoch seconds; inf unset):
+                                     the GPU round's stage limit, so a benchmark can stop
+                                     between measurements instead of being killed mid-record
+``append_jsonl(path, records)``      appends and flushes record by record
+``markdown_table(records, columns) -> str``
 """
 
 from __future__ import annotations
@@ -37,14 +48,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def commit() -> str:
+    """The commit measured: git's, when ROOT is itself a git checkout (not a folder inside
+    some other repository), else $CPS_FAST_COMMIT, else "unknown"."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return os.environ.get("CPS_FAST_COMMIT", "unknown")
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode == 0 and os.path.samefile(top.stdout.strip(), ROOT):
+            sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True,
+                                 timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=ROOT, capture_output=True, text=True,
+                                   timeout=30).stdout.strip()
+            return sha + ("-dirty" if dirty else "")
+    except Exception:  # no git, no .git, a timeout: the variable below
+        pass
+    return os.environ.get("CPS_FAST_COMMIT") or "unknown"
 
 
 def environment(device: torch.device) -> dict:
@@ -127,10 +146,59 @@ def ceilings(device: torch.device, quick: bool = False) -> dict:
 
 
 def append_jsonl(path: str, records: Iterable[dict]) -> None:
+    """Append records, one JSON object a line, flushed to the OS after each: a benchmark
+    killed at any moment leaves every record it finished readable."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
         for r in records:
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps(r, default=str) + "\n")
+            f.flush()
+
+
+def seconds_left() -> float:
+    """Seconds until $CPS_FAST_BENCH_DEADLINE (epoch seconds), inf when it is unset."""
+    raw = os.environ.get("CPS_FAST_BENCH_DEADLINE")
+    if not raw:
+        return float("inf")
+    try:
+        return float(raw) - time.time()
+    except ValueError:
+        raise SystemExit(f"error: CPS_FAST_BENCH_DEADLINE={raw!r}: expected epoch seconds")
+
+
+def ext_status() -> dict:
+    """Whether the compiled extension loads and has its CUDA part (never raises)."""
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from cps_fast import ext
+    except Exception as e:  # ImportError with the reason (not built, stale, disabled)
+        return {"ext": "unavailable", "ext_reason": str(e).splitlines()[0][:300]}
+    if ext.HAS_CUDA:
+        return {"ext": "cuda", "ext_reason": None}
+    return {"ext": "host-only", "ext_reason": "cps_fast._C was built without its CUDA part"}
+
+
+def loss_backends(ops_used: Iterable[str], asked: str, device_type: str) -> dict:
+    """op -> the backend cps_fast.ops runs it with (``auto`` resolved, as the step sees it)."""
+    from cps_fast import ops
+    return {op: ops.resolved_backend(op, asked, device_type) for op in ops_used}
+
+
+def fallback_from_auto(backends: dict, asked: str, device_type: str) -> list:
+    """Reasons, one per op, where ``auto`` did not get the device's first-choice backend
+    (on the GPU: Triton): such a measurement is not what the variant's name claims."""
+    from cps_fast import ops
+    if asked != "auto":
+        return []
+    want = ops.AUTO_ORDER.get(device_type, ("torch",))[0]
+    out = []
+    for op, got in backends.items():
+        if got != want:
+            why = ops._load_errors.get(want) or f"{want} cannot run {op} on {device_type}"
+            out.append(f"auto -> {got} for {op} ({want} unavailable: {why})")
+    return out
 
 
 def _fmt(v) -> str:

@@ -17,8 +17,9 @@ threads each variant gets (DALI ``num_threads`` and host readers; PyTorch DataLo
 workers). The median over ``--reps`` repetitions of ``--iters`` batches is reported, after
 ``--warmup`` batches; the spread is max - min over the repetitions.
 
-On the GPU machine (no DALI there: stage the wheels with ``../shared/device/stage-wheels``
-as ``../shared/GPU.md`` says, then, in the measuring call)::
+On a GPU machine without DALI installed (and no registry to install it from), unpack the
+DALI wheels for its Python into a folder that travels with the run (here ``/tmp/site``),
+then, in the measuring call::
 
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     python3 -m pytest -q -m gpu tests/data/test_dali.py
@@ -159,9 +160,11 @@ def _commit() -> str:
                            capture_output=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "cps_fast", "benchmarks"],
                                cwd=ROOT, text=True, capture_output=True, timeout=10).stdout.strip()
-        return c + ("-dirty" if dirty else "") if c else "unknown"
+        if c:
+            return c + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001
-        return "unknown"
+        pass
+    return os.environ.get("CPS_FAST_COMMIT") or "unknown"   # the GPU machine has no .git
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,11 @@ On the CPU (``--quick``, or no CUDA): the host C++ path against eager PyTorch at
 smoke figures only (DESIGN.md section 6).
 
 Appends one JSON record per measured variant to benchmarks/results/ops_backends-<device>.jsonl
-(DESIGN.md section 9) and prints a Markdown table.
+(DESIGN.md section 9), flushed as each is measured (a run cut short keeps what it measured;
+$CPS_FAST_BENCH_DEADLINE, set by the GPU round, stops it before a case it cannot finish),
+and prints a Markdown table. With ``--rounds N`` the variants take turns round by round. A
+backend that cannot run here (the extension missing, or built without its CUDA part, on a
+GPU) is not skipped silently: it gets a record with ``error`` and the reason.
 
     python benchmarks/ops_backends.py            # GPU: VOC + Cityscapes shapes
     python benchmarks/ops_backends.py --quick    # CPU smoke figures
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import (append_jsonl, copy_bandwidth_gbs, device_slug, environment,  # noqa: E402
-                     markdown_table, peak_extra_gb, time_ms)
+                     ext_status, markdown_table, peak_extra_gb, seconds_left, time_ms)
 
 from cps_fast import ops  # noqa: E402
 
@@ -48,7 +53,7 @@ GPU_CASES = [
 ]
 CPU_CASES = [
     ("cpu_demo", "cross_entropy", (16, 6, 96, 96), {}),
-    ("cpu_demo", "ohem_cross_entropy", (16, 6, 96, 96), {"min_kept": 20000}),
+    ("cpu_demo", "ohem_cross_entropy", (16, 6, 96, 96), {"min_kept": 1250}),  # per image
     ("cpu_demo", "cps_loss", (16, 6, 96, 96), {}),
     ("cpu_demo", "confusion_matrix", (16, 6, 96, 96), {}),
     ("cpu_voc_small", "cross_entropy", (4, 21, 128, 128), {}),
@@ -110,6 +115,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None,
                     help="measure every variant this many times (GPU default 2: noise check)")
     ap.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16")
+    ap.add_argument("--ops", default=None, help="comma list of ops to measure (default: all)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSONL file (default benchmarks/results/ops_backends-<device>.jsonl)")
     ap.add_argument("--no-save", action="store_true")
@@ -118,6 +124,11 @@ def main(argv=None):
     on_gpu = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if on_gpu else "cpu")
     cases = GPU_CASES if on_gpu else CPU_CASES
+    if args.ops:
+        unknown = set(args.ops.split(",")) - set(ops.OPS)
+        if unknown:
+            ap.error(f"--ops: unknown {', '.join(sorted(unknown))} (known: {', '.join(ops.OPS)})")
+        cases = [c for c in cases if c[1] in args.ops.split(",")]
     dtypes = [getattr(torch, d) for d in
               (args.dtypes or ("float32,bfloat16" if on_gpu else "float32")).split(",")]
     reps = args.reps or (20 if on_gpu else 7)
@@ -127,50 +138,69 @@ def main(argv=None):
     variants = [("eager", "torch")] + ([("triton", "triton")] if on_gpu else []) + \
                [("ext", "cuda" if on_gpu else "cpp")]
 
-    records = []
+    out = None if args.no_save else (
+        args.out or RESULTS_DIR / f"ops_backends-{device_slug(env['device'])}.jsonl")
+    ext = ext_status()
+    records, base, case_s = [], {}, 0.0
+
+    def emit(rec):
+        if out is not None:
+            append_jsonl(str(out), [rec])
+        records.append(rec)
+
     for preset, op, shape, kw in cases:
         for dtype in dtypes:
+            common = dict(env, benchmark=op, preset=preset, shape=list(shape),
+                          dtype=str(dtype).replace("torch.", ""), kwargs=kw, **ext)
+            if seconds_left() < 1.5 * case_s + 5:
+                for variant, backend in variants:
+                    emit(dict(common, variant=variant, backend=backend,
+                              error="not measured: the stage's time ran out"))
+                continue
+            t_case = time.perf_counter()
             a, b, t = _inputs(op, shape, dtype, device.type)
             grad = op != "confusion_matrix"
             nbytes = _bytes(op, shape, dtype, grad)
             for rnd in range(rounds):
                 for variant, backend in variants:
+                    rec = dict(common, variant=variant, backend=backend, round=rnd,
+                               reps=reps, bytes_model=nbytes, copy_gb_per_s=copy_gbs,
+                               threads=torch.get_num_threads() if not on_gpu else None)
+                    rec["pass"] = "fwd_bwd" if grad else "fwd"
                     if backend != "torch" and backend not in ops.available_backends(op, device.type):
                         if rnd == 0:
-                            print(f"skip {op}/{variant}: "
-                                  f"{ops._load_errors.get(backend) or 'unavailable'}", file=sys.stderr)
+                            why = ops._load_errors.get(backend) or (
+                                f"{backend} cannot run {op} on {device.type} tensors "
+                                f"(extension: {ext['ext']})")
+                            rec["error"] = f"backend {backend} unavailable: {why}"
+                            print(f"{op}/{variant}: {rec['error']}", file=sys.stderr)
+                            emit(rec)
                         continue
                     fn = _make_fn(op, backend, a, b, t, kw, grad)
                     tm = time_ms(fn, device, warmup=3, reps=reps)
-                    rec = dict(env, benchmark=op, variant=variant, backend=backend, preset=preset,
-                               shape=list(shape), dtype=str(dtype).replace("torch.", ""),
-                               kwargs=kw, pass_="fwd_bwd" if grad else "fwd", round=rnd,
-                               reps=reps, median_ms=tm["median_ms"], spread_ms=tm["spread_ms"],
-                               bytes_model=nbytes,
+                    rec.update(median_ms=tm["median_ms"], spread_ms=tm["spread_ms"],
                                gb_per_s=nbytes / (tm["median_ms"] * 1e-3) / 1e9,
-                               copy_gb_per_s=copy_gbs,
-                               threads=torch.get_num_threads() if not on_gpu else None,
                                peak_mem_gb=peak_extra_gb(fn, device))
-                    rec["pass"] = rec.pop("pass_")
                     if copy_gbs:
                         rec["frac_of_copy"] = rec["gb_per_s"] / copy_gbs
-                    records.append(rec)
+                    key = (preset, op, rec["dtype"], rnd)
+                    if variant == "eager":
+                        base[key] = rec["median_ms"]
+                    if base.get(key):
+                        rec["speedup_vs_eager"] = base[key] / rec["median_ms"]
+                    emit(rec)
+                    print(f"{preset} {op} {rec['dtype']} {variant} round {rnd}: "
+                          f"{rec['median_ms']:.3f} ms", file=sys.stderr, flush=True)
             del a, b, t
+            case_s = time.perf_counter() - t_case
 
-    base = {}
-    for r in records:
-        key = (r["preset"], r["benchmark"], r["dtype"], r["round"])
-        if r["variant"] == "eager":
-            base[key] = r["median_ms"]
-        r["speedup_vs_eager"] = base.get(key, float("nan")) / r["median_ms"]
     print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}"
           + (f", copy {copy_gbs:.0f} GB/s" if copy_gbs else "")
           + ("" if on_gpu else " (CPU: smoke figures only)") + "\n")
     print(markdown_table(records, ["preset", "benchmark", "dtype", "variant", "round",
-                                   "median_ms", "spread_ms", "gb_per_s", "speedup_vs_eager"]))
-    if not args.no_save:
-        out = args.out or RESULTS_DIR / f"ops_backends-{device_slug(env['device'])}.jsonl"
-        append_jsonl(str(out), records)
+                                   "median_ms", "spread_ms", "gb_per_s", "speedup_vs_eager",
+                                   "error"]))
+    if out is not None:
         print(f"\nappended {len(records)} records to {out}")
 
 

@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: preset + overrides -> Config, and one-line errors."""
+"""Shared command-line plumbing: preset + run file + overrides -> Config, and one-line errors."""
 
 from __future__ import annotations
 
@@ -9,24 +9,35 @@ from typing import Callable
 from . import presets
 from .config import Config
 from .errors import CpsFastError
+from .runfile import build_config, command_line_items
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "synthetic") -> None:
-    p.add_argument("--preset", default=default_preset,
-                   help=f"run preset (default: %(default)s); one of: {', '.join(sorted(presets.PRESETS))}")
+    # --preset defaults to None so that a run file's preset can stand in for it.
+    p.set_defaults(default_preset=default_preset)
+    p.add_argument("--preset", default=None,
+                   help=f"run preset (default: the --config file's, else {default_preset}); "
+                        f"one of: {', '.join(sorted(presets.PRESETS))}")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="run file (YAML or JSON) of config keys, nested or dotted, applied on "
+                        "top of the preset; a run's config.json repeats that run; the options "
+                        "below and --set apply on top of it")
     p.add_argument("--method", choices=("cps", "cps-cutmix", "supervised"), default=None,
                    help="training method (default: the preset's, cps)")
     p.add_argument("--data-root", default=None, help="dataset root directory")
-    p.add_argument("--split", default=None, help="labeled partition: 1/16, 1/8, 1/4, 1/2 or a count")
+    p.add_argument("--split", default=None,
+                   help="labeled partition: 1/16, 1/8, 1/4, 1/2 or a count such as 183 "
+                        "(drawn from VOC's 1464 fine images with --set data.labeled_pool=fine, "
+                        "as the voc_*_hq* presets do)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.02 (repeatable)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    method = args.method or "cps"
-    cfg = presets.get(args.preset, method)
-    items = []
+    cfg = build_config(args.preset, args.method, getattr(args, "config", None),
+                       getattr(args, "default_preset", "synthetic"))
+    items = command_line_items(args.preset, args.method)
     if args.data_root is not None:
         items.append(f"data.root={args.data_root}")
     if args.split is not None:

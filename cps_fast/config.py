@@ -14,9 +14,24 @@ from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Training scales: the paper's supplementary, and what the official code uses
+# (``C.train_scale_array``); ``--set data.scales=paper|official`` names either.
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 # synthetic (v1) and synthetic-v2 are generated; fashion is made of Fashion-MNIST mosaics.
 DATASETS = ("synthetic", "synthetic-v2", "fashion", "voc", "cityscapes")
+OFFICIAL_SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
+SCALE_SETS = {"paper": PAPER_SCALES, "official": OFFICIAL_SCALES}
+
+# model.backbone values (cps_fast/models/resnet.py BACKBONES builds them; a test keeps the
+# two lists equal): v1c deep stem 64-64-128 (CPS / TorchSemiSeg, the paper's), torchvision's
+# 7x7 stem (``_tv``), mmseg's ResNetV1c deep stem 32-32-64 (``_mmseg``), and a tiny CPU one.
+BACKBONE_NAMES = ("resnet50", "resnet101", "resnet50_tv", "resnet101_tv",
+                  "resnet50_mmseg", "resnet101_mmseg", "tiny")
+# model.pretrained sentinels: a paper preset sets REQUIRED, which a run refuses to start
+# with (the published numbers assume an ImageNet backbone); NONE is an explicit choice to
+# train from scratch, and it is what config.json then records.
+PRETRAINED_REQUIRED = "required"
+PRETRAINED_NONE = "none"
 
 
 from .errors import ConfigError  # noqa: E402  (re-exported: config users import it from here)
@@ -25,6 +40,22 @@ from .errors import ConfigError  # noqa: E402  (re-exported: config users import
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _scales(value: Any, key: str, named: dict[str, tuple] | None = None) -> tuple:
+    """A tuple of positive floats, or (for ``data.scales``) the name of a set."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if named and name in named:
+            return tuple(named[name])
+        known = f" or one of {', '.join(named)}" if named else ""
+        raise ConfigError(f"{key}: {value!r} is not a list of numbers{known}")
+    try:
+        out = tuple(float(s) for s in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a list of numbers") from None
+    _check(len(out) > 0 and all(s > 0 for s in out), key, "needs positive scales")
+    return out
 
 
 @dataclass
@@ -37,10 +68,12 @@ class DataConfig:
     unlabeled_list: Optional[str] = None
     val_list: Optional[str] = None
     split_seed: int = 0                 # seed of generated partitions
+    labeled_pool: str = "train"         # train | fine: draw labeled images from the whole train
+                                        # list, or (VOC) from the 1464 finely annotated ones
     num_classes: int = 6                # the synthetic set; the VOC and Cityscapes presets set 21, 19
     ignore_index: int = 255
     crop_size: int = 512
-    scales: tuple = PAPER_SCALES        # one scale drawn per sample
+    scales: tuple = PAPER_SCALES        # one scale drawn per sample; "paper" | "official" | a list
     flip: bool = True
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -58,9 +91,7 @@ class DataConfig:
         _check(0 <= self.ignore_index <= 255 and self.ignore_index >= self.num_classes,
                "data.ignore_index", "must be in [num_classes, 255]")
         _check(self.crop_size >= 16, "data.crop_size", "must be >= 16")
-        self.scales = tuple(float(s) for s in self.scales)
-        _check(len(self.scales) > 0 and all(s > 0 for s in self.scales), "data.scales",
-               "needs positive scales")
+        self.scales = _scales(self.scales, "data.scales", SCALE_SETS)  # stored resolved
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         _check(len(self.mean) == 3 and len(self.std) == 3, "data.mean/std", "need 3 values")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
@@ -68,6 +99,8 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.loader in ("torch", "dali"), "data.loader", "torch or dali")
         _check(self.check in ("fast", "full", "none"), "data.check", "fast, full or none")
+        _check(self.labeled_pool in ("train", "fine"), "data.labeled_pool",
+               f"train or fine, not {self.labeled_pool!r}")
         parse_split(self.split)  # raises ConfigError on a bad value
 
 
@@ -91,9 +124,10 @@ def parse_split(split: str) -> tuple[str, float | int]:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"          # resnet50 | resnet101 | tiny
+    backbone: str = "resnet50"          # one of BACKBONE_NAMES (resnet50: v1c, the paper's)
     output_stride: int = 16             # 16 or 8
-    pretrained: str = "none"            # path to an ImageNet backbone state dict, or "none"
+    pretrained: str = PRETRAINED_NONE   # path to an ImageNet backbone state dict; "none":
+                                        # from scratch; "required": a path must be given
     bn_momentum: float = 0.1
     aspp_channels: int = 256
     decoder_channels: int = 256
@@ -102,8 +136,15 @@ class ModelConfig:
     channels_last: bool = False
 
     def __post_init__(self):
-        _check(self.backbone in ("resnet50", "resnet101", "tiny"), "model.backbone",
-               f"unknown backbone {self.backbone!r} (resnet50, resnet101, tiny)")
+        _check(self.backbone in BACKBONE_NAMES, "model.backbone",
+               f"unknown backbone {self.backbone!r} ({', '.join(BACKBONE_NAMES)})")
+        # An empty value (e.g. an unset shell variable in --set model.pretrained=$W) must
+        # not quietly mean "from scratch": that is only ever said with "none".
+        self.pretrained = str(self.pretrained).strip()
+        _check(self.pretrained != "", "model.pretrained",
+               "empty; give a backbone file, or 'none' to train from scratch")
+        if self.pretrained.lower() in (PRETRAINED_NONE, PRETRAINED_REQUIRED):
+            self.pretrained = self.pretrained.lower()
         _check(self.output_stride in (8, 16), "model.output_stride", "8 or 16")
         _check(0 < self.bn_momentum < 1, "model.bn_momentum", "in (0, 1)")
 
@@ -112,7 +153,8 @@ class ModelConfig:
 class LossConfig:
     supervised: str = "ce"              # ce | ohem
     ohem_thresh: float = 0.7
-    ohem_min_kept: int = 50000          # per process batch
+    ohem_min_kept: int = 50000          # per image (official: 50000 x images per GPU, 1 image
+                                        # per GPU), independent of the batch and GPU count
     cps_weight: float = 1.5             # lambda
     cps_rampup: int = 0                 # iterations of sigmoid ramp-up of lambda (0: constant,
                                         # as the paper, whose networks start pretrained)
@@ -144,21 +186,34 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    """How validation mIoU is measured; printed and stored with every figure (the protocol).
+
+    ``network`` says which figures are computed: ``all`` = network a, network b and their
+    ensemble (mean softmax), ``both`` = a and b, or one of ``a`` / ``b`` / ``ensemble``.
+    ``select`` says which of them is the headline ``miou`` and picks ``best.pt``: ``a`` as
+    the official CPS evaluation (it reports network 1), or ``b`` / ``ensemble`` / ``max``
+    (the best of those computed: optimistic, not the paper's protocol)."""
     mode: str = "whole"                 # whole | sliding
     crop_size: int = 512
     stride_rate: float = 2 / 3
     flip: bool = False
     scales: tuple = (1.0,)
     every: int = 0                      # evaluate every N iterations (0: only at the end)
-    network: str = "both"               # a | b | both (report each) | ensemble
+    network: str = "all"                # all | both | a | b | ensemble
+    select: str = "a"                   # a | b | ensemble | max: the headline miou, best.pt
+    max_batch: int = 16                 # network inputs (windows) per forward in evaluation
 
     def __post_init__(self):
         _check(self.mode in ("whole", "sliding"), "eval.mode", "whole or sliding")
+        _check(self.crop_size >= 1, "eval.crop_size", "must be >= 1")
         _check(0 < self.stride_rate <= 1, "eval.stride_rate", "in (0, 1]")
-        self.scales = tuple(float(s) for s in self.scales)
+        self.scales = _scales(self.scales, "eval.scales")
         _check(self.every >= 0, "eval.every", "must be >= 0")
-        _check(self.network in ("a", "b", "both", "ensemble"), "eval.network",
-               "a, b, both or ensemble")
+        _check(self.network in ("all", "both", "a", "b", "ensemble"), "eval.network",
+               "all, both, a, b or ensemble")
+        _check(self.select in ("a", "b", "ensemble", "max"), "eval.select",
+               "a, b, ensemble or max")
+        _check(self.max_batch >= 1, "eval.max_batch", "must be >= 1")
 
 
 @dataclass
@@ -242,25 +297,75 @@ class Config:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
             key, raw = item.split("=", 1)
             key = key.strip()
-            path = key.split(".")
-            node, cls_node = d, Config
-            for i, part in enumerate(path):
-                hints = get_type_hints(cls_node)
-                if part not in hints:
-                    known = ", ".join(sorted(hints))
-                    raise ConfigError(f"--set {key}: unknown key {part!r} (known: {known})")
-                if i == len(path) - 1:
-                    node[part] = _parse_value(raw, hints[part], key)
-                else:
-                    cls_node = hints[part]
-                    if not dataclasses.is_dataclass(cls_node):
-                        raise ConfigError(f"--set {key}: {part!r} is not a section")
-                    node = node[part]
+            node, leaf, typ = _locate(d, key, f"--set {key}")
+            node[leaf] = _parse_value(raw, typ, key)
         return Config.from_dict(d)
+
+    def apply_values(self, values: dict, source: str) -> "Config":
+        """Apply already-typed values ``{dotted key: value}`` (a run file's, see
+        cps_fast/runfile.py); returns a new, re-validated Config. Every error names the key
+        and ``source``."""
+        d = self.to_dict()
+        try:
+            for key, value in values.items():
+                node, leaf, typ = _locate(d, key, key)
+                node[leaf] = _coerce_value(value, typ, key)
+            return Config.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _locate(d: dict, key: str, label: str) -> tuple:
+    """(dict holding the leaf, leaf name, its type) of dotted ``key`` in ``d`` (a Config's
+    to_dict()); unknown keys raise ConfigError starting with ``label``."""
+    path = key.split(".")
+    node, cls_node = d, Config
+    for i, part in enumerate(path):
+        hints = get_type_hints(cls_node)
+        if part not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{label}: unknown key {part!r} (known: {known})")
+        if i == len(path) - 1:
+            return node, part, hints[part]
+        cls_node = hints[part]
+        if not dataclasses.is_dataclass(cls_node):
+            raise ConfigError(f"{label}: {part!r} is not a section")
+        node = node[part]
+    raise ConfigError(f"{label}: empty key")  # unreachable: split() gives >= 1 part
 
 
 def _coerce_loaded(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
+
+
+def _coerce_value(value: Any, typ: Any, key: str) -> Any:
+    """A value as YAML/JSON typed it, checked against the field's type: strings are parsed
+    as ``--set`` parses them; a number is no bool, an int field takes no 2.5."""
+    declared, origin = typ, get_origin(typ)
+    if origin is not None and type(None) in get_args(typ):  # Optional[X]
+        if value is None:
+            return None
+        typ = next(a for a in get_args(typ) if a is not type(None))
+    name = getattr(typ, "__name__", str(typ))
+    bad = ConfigError(f"{key}: {value!r} is not a valid {name}")
+    if isinstance(value, str):
+        try:
+            return _parse_value(value, declared, key)
+        except ConfigError:
+            raise bad from None
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is int and is_num and float(value).is_integer():
+        return int(value)
+    if typ is float and is_num:
+        return float(value)
+    if typ is str and is_num:  # data.split: 183 in YAML is an int
+        return str(value)
+    if typ is tuple and isinstance(value, (list, tuple)):
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            return tuple(float(x) for x in value)
+    raise bad
 
 
 def _parse_value(raw: str, typ: Any, key: str) -> Any:
@@ -282,6 +387,8 @@ def _parse_value(raw: str, typ: Any, key: str) -> Any:
         if typ is float:
             return float(raw)
         if typ is tuple:
+            if raw and (raw[0].isalpha() or raw[0] == "_"):
+                return raw  # a named set (data.scales=official): the dataclass resolves it
             return tuple(float(x) for x in raw.strip("()[]").split(",") if x.strip())
         return raw
     except ValueError:

@@ -12,8 +12,9 @@ strides and, on CUDA, the current stream handle. All outputs and workspaces are 
 here with torch (so on CUDA they come from the caching allocator, on the caller's stream).
 The ops are ``torch.library.custom_op``s with fake (meta) implementations and autograd: the
 forward writes the unscaled per-pixel gradient ``(softmax - onehot) * kept`` into a fresh
-buffer and returns ``1/count`` as a device scalar; backward multiplies the two by the
-upstream gradient (no host sync, nothing written into saved inputs).
+buffer and returns ``1/count`` as a device scalar (OHEM, selected per image: one weight per
+image); backward multiplies the two by the upstream gradient (no host sync, nothing written
+into saved inputs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .kernels.cps_loss import cps_loss_reference
 from .kernels.cross_entropy import cross_entropy_reference
 from .kernels.ohem_cross_entropy import ohem_cross_entropy_reference
 
-ABI_VERSION = 1  # must equal _C.ABI_VERSION (csrc/bindings.cpp)
+ABI_VERSION = 2  # must equal _C.ABI_VERSION (csrc/bindings.cpp)
 REBUILD_HINT = "rebuild: pip install -e . (or python setup.py build_ext --inplace)"
 _SOURCE_SUFFIXES = (".h", ".hpp", ".cuh", ".c", ".cc", ".cpp", ".cu")
 
@@ -206,42 +207,67 @@ _ce_op.register_autograd(_ce_backward, setup_context=_save_grads)
 
 
 # ----------------------------------------------------------------------------- OHEM
+# Selected per image (kernels/ohem_cross_entropy.py). The gradient of image n is scaled by
+# its own weight 1 / (num_counted_images * count_n), so the op returns the weights (N,)
+# instead of one 1/count; it also returns each pixel's key (bits of p, -1 where not valid)
+# and each image's threshold (+inf: every valid pixel kept), as the Triton op does: the
+# tests read the kept set from them.
 @torch.library.custom_op("cps_fast_ext::ohem_cross_entropy", mutates_args=())
 def _ohem_op(logits: Tensor, target: Tensor, thresh: float, min_kept: int, ignore_index: int,
-             need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+             need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     x, v = _logits(logits)
     t, tc = _labels(target)
-    loss, inv = _scalars(x)
+    loss = torch.empty((), dtype=torch.float32, device=x.device)
+    weight = torch.empty(v.N, dtype=torch.float32, device=x.device)
+    threshold = torch.empty_like(weight)
+    key = torch.empty(target.shape, dtype=torch.int32, device=x.device)
     g = _grad_like(x, need_grad)
     if x.is_cuda:
-        ws = torch.empty(_C.device_ohem_workspace_bytes(v.N * v.HW), dtype=torch.uint8,
+        ws = torch.empty(_C.device_ohem_workspace_bytes(v.N, v.HW), dtype=torch.uint8,
                          device=x.device)
         _C.ohem_device(v, _DTYPES[x.dtype], x.data_ptr(), t.data_ptr(), tc, float(thresh),
-                       min_kept, ignore_index, _ptr(g), loss.data_ptr(), inv.data_ptr(),
+                       min_kept, ignore_index, _ptr(g), loss.data_ptr(), weight.data_ptr(),
+                       key.data_ptr(), threshold.data_ptr(),
                        _partials(x, v.N, v.HW).data_ptr(), ws.data_ptr(), x.device.index,
                        _stream(x))
     else:
         _C.ohem_host(v, _DTYPES[x.dtype], x.data_ptr(), t.data_ptr(), tc, float(thresh),
-                     min_kept, ignore_index, _ptr(g), loss.data_ptr(), inv.data_ptr(),
-                     torch.get_num_threads())
-    return loss, inv, g
+                     min_kept, ignore_index, _ptr(g), loss.data_ptr(), weight.data_ptr(),
+                     key.data_ptr(), threshold.data_ptr(), torch.get_num_threads())
+    return loss, weight, g, key, threshold
 
 
 @_ohem_op.register_fake
 def _(logits, target, thresh, min_kept, ignore_index, need_grad):
+    n = logits.shape[0]
     loss = logits.new_empty((), dtype=torch.float32)
-    return loss, torch.empty_like(loss), (torch.empty_like(logits) if need_grad
-                                          else logits.new_empty(0))
+    return (loss, logits.new_empty((n,), dtype=torch.float32),
+            torch.empty_like(logits) if need_grad else logits.new_empty(0),
+            target.new_empty(target.shape, dtype=torch.int32),
+            logits.new_empty((n,), dtype=torch.float32))
 
 
-def _ohem_backward(ctx, g_loss, g_inv, g_grad):
+def _ohem_setup(ctx, inputs, output):
+    _, weight, g, key, threshold = output
+    ctx.save_for_backward(weight, g)
+    # none of the outputs but the loss carries a gradient; no zero tensors for them in backward
+    ctx.mark_non_differentiable(weight, g, key, threshold)
+    ctx.set_materialize_grads(False)
+
+
+def _ohem_backward(ctx, g_loss, g_weight, g_grad, g_key, g_thr):
     if g_loss is None:
         return None, None, None, None, None, None
-    inv, g = ctx.saved_tensors
-    return _scaled(g, g_loss * inv), None, None, None, None, None
+    weight, g = ctx.saved_tensors
+    if g.numel() == 0:
+        raise RuntimeError("cps_fast: backward through an op that ran without requires_grad")
+    # per-image scale in fp32, written in g's dtype in the same pass (a 16-bit scale would
+    # lose 1/count ~ 1e-6 to fp16's subnormals)
+    scale = (g_loss.float() * weight).view(-1, 1, 1, 1)
+    return torch.mul(g, scale, out=torch.empty_like(g)), None, None, None, None, None
 
 
-_ohem_op.register_autograd(_ohem_backward, setup_context=_save_grads)
+_ohem_op.register_autograd(_ohem_backward, setup_context=_ohem_setup)
 
 
 # ----------------------------------------------------------------------------- CPS loss
@@ -336,8 +362,8 @@ def ohem_cross_entropy(logits: Tensor, target: Tensor, thresh: float = 0.7,
                        min_kept: int = 50000, ignore_index: int = 255) -> Tensor:
     if not _supported(logits):
         return ohem_cross_entropy_reference(logits, target, thresh, min_kept, ignore_index)
-    loss, _, _ = _ohem_op(logits, target, float(thresh), int(min_kept), int(ignore_index),
-                          _needs_grad(logits))
+    loss = _ohem_op(logits, target, float(thresh), int(min_kept), int(ignore_index),
+                    _needs_grad(logits))[0]
     return loss.to(logits.dtype)
 
 

@@ -95,13 +95,21 @@ def implements(op: str, backend: str) -> bool:
                                  and backend in _IMPLS[op])
 
 
+def resolved_backend(op: str, backend: str, device_type: str) -> str:
+    """The backend that ``backend`` runs ``op`` with on ``device_type`` tensors: "auto"
+    resolved to the first available one (what the benchmarks record as having run)."""
+    if backend != "auto":
+        return backend
+    for b in AUTO_ORDER.get(device_type, ("torch",)):
+        if _load_backend(b) is None and b in _IMPLS[op] and _runs_on(b, device_type):
+            return b
+    return "torch"
+
+
 def resolve(op: str, backend: str, device_type: str) -> Callable:
     """The implementation of ``op`` for ``backend`` ("auto" picks the first available)."""
     if backend == "auto":
-        for b in AUTO_ORDER.get(device_type, ("torch",)):
-            if _load_backend(b) is None and b in _IMPLS[op] and _runs_on(b, device_type):
-                return _IMPLS[op][b]
-        return _IMPLS[op]["torch"]
+        return _IMPLS[op][resolved_backend(op, backend, device_type)]
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
     why = _load_backend(backend)
@@ -174,7 +182,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
                        min_kept: int = 50000, ignore_index: int = 255,
                        backend: str = "auto") -> torch.Tensor:
-    """OHEM CE with the official CPS semantics (see kernels/ohem_cross_entropy.py)."""
+    """OHEM CE with the official CPS rule applied per image (``min_kept`` per image; the
+    loss is the mean over the images of their mean CE over the kept pixels; see
+    kernels/ohem_cross_entropy.py)."""
     check_logits_target("ohem_cross_entropy", logits, target, ignore_index)
     fn = resolve("ohem_cross_entropy", backend, logits.device.type)
     return fn(logits, target, thresh, min_kept, ignore_index)

@@ -2,7 +2,7 @@
 
 - ``losses.png``: total, supervised (a, b) and CPS losses;
 - ``lr.png``: the learning rate;
-- ``miou.png``: validation mIoU of each network (and the ensemble);
+- ``miou.png``: validation mIoU of each network and their ensemble, the headline marked;
 - ``overlap.png``: the overlap ratio of the two networks' predictions on labeled, unlabeled
   and all pixels (non-background), the supplementary's Figure 1 for this run.
 
@@ -98,10 +98,15 @@ def write_plots(run_dir: str | Path) -> list[Path]:
            [("total", _series(train, "loss")), ("supervised, network a", _series(train, "sup_a")),
             ("supervised, network b", _series(train, "sup_b")), ("CPS (unweighted)", _series(train, "cps"))])
     figure("lr.png", "Learning rate (poly)", "learning rate", [("lr", _series(train, "lr"))])
+    head = evals[-1].get("headline") if evals else None   # older runs: not recorded
+
+    def miou_label(k):
+        label = f"network {k}" if k != "ensemble" else "ensemble (mean softmax)"
+        return label + (" — headline" if k == head else "")
     figure("miou.png", "Validation mIoU", "mIoU",
-           [(f"network {k}" if k != "ensemble" else "ensemble", _series(evals, f"miou_{k}"))
-            for k in ("a", "b", "ensemble")], ylim=(0, 1))
-    figure("overlap.png", "Overlap of the two networks' predictions (non-background pixels)",
+           [(miou_label(k), _series(evals, f"miou_{k}")) for k in ("a", "b", "ensemble")],
+           ylim=(0, 1))
+    figure("overlap.png", "Overlap of the two networks' predictions (non-background)",
            "overlap ratio", [("labeled", _series(train, "overlap_labeled")),
                              ("unlabeled", _series(train, "overlap_unlabeled")),
                              ("all", _series(train, "overlap_all"))], ylim=(0, 1))

@@ -14,7 +14,7 @@
 #endif
 
 // Bumped whenever the Python <-> C++ calling convention changes; ext.py checks it.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 namespace py = pybind11;
 using cps::ptr_t;

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <cub/block/block_scan.cuh>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -22,17 +23,19 @@ constexpr int kPixPerThread = 4;     // target pixels per thread (grid-stride be
 constexpr int kCols = 6;             // columns of a partials row
 constexpr int kHist0 = 4096;         // OHEM select: key bits [20, 32)
 constexpr int kHist1 = 1024;         //              key bits [10, 20), then [0, 10)
+constexpr int kHistAll = kHist0 + 2 * kHist1;  // bins per image (the selection is per image)
 // Pixel kernels: 256 threads, at least 4 resident blocks per SM (<= 64 registers). Stating
 // the occupancy target lets ptxas allocate freely below it (without it ptxas spilled a few
 // loop invariants of ce_kernel at 48 registers).
 #define CPS_PIXEL_BOUNDS __launch_bounds__(kThreads, 4)
 constexpr int kScanThreads = 256;    // one block; 256 threads keep the scan spill-free
 
+// Selection state of one image (OHEM selects per image).
 struct OhemState {
   unsigned long long num_valid;
   long long k_rem;     // rank still to find inside the current bucket (1-based)
   unsigned int prefix; // key bits found so far
-  unsigned int need;   // 1 when num_valid > min_kept > 0 (the select runs)
+  unsigned int need;   // ohem_selects(num_valid, min_kept): the image's select runs
   unsigned int thr;    // final threshold key
   unsigned int pad;
 };
@@ -197,35 +200,42 @@ __global__ void CPS_PIXEL_BOUNDS cps_kernel(View v, const T* __restrict__ A,
 }
 
 // ------------------------------------------------------------------------- OHEM
+// Selected per image (the rule: kernels/ohem_cross_entropy.py; the decisions are the shared
+// ohem_* functions of pixel_math.h). Every image has its own histograms and state, and every
+// kernel after the pixel pass runs on a grid whose second (or only) dimension is the image:
+//   init (N) -> pixel (blocks, N) -> scan<0> (N) -> hist<1> (blocks, N) -> scan<1> (N)
+//   -> hist<2> (blocks, N) -> scan<2> (N) -> final (blocks, N) -> ohem_finalize (1).
 struct OhemWs {
-  uint32_t* key;
-  float* ce;
-  unsigned int* hist;  // kHist0 + 2 * kHist1
-  OhemState* state;
+  uint32_t* key;       // N*HW keys (an output of the op)
+  float* ce;           // N*HW
+  unsigned int* hist;  // N * kHistAll
+  OhemState* state;    // N
 };
 
 inline size_t align256(size_t b) { return (b + 255) & ~size_t(255); }
 
-OhemWs ohem_layout(ptr_t base, int64_t P) {
+OhemWs ohem_layout(ptr_t base, ptr_t key, int64_t N, int64_t HW) {
   char* b = reinterpret_cast<char*>(base);
   OhemWs w;
   size_t o = 0;
-  w.key = reinterpret_cast<uint32_t*>(b + o);
-  o += align256(size_t(P) * 4);
+  w.key = reinterpret_cast<uint32_t*>(key);
   w.ce = reinterpret_cast<float*>(b + o);
-  o += align256(size_t(P) * 4);
+  o += align256(size_t(N * HW) * 4);
   w.hist = reinterpret_cast<unsigned int*>(b + o);
-  o += align256(size_t(kHist0 + 2 * kHist1) * 4);
+  o += align256(size_t(N) * kHistAll * 4);
   w.state = reinterpret_cast<OhemState*>(b + o);
   return w;
 }
 
+// One block per image: zero its histograms and state.
 __global__ void ohem_init_kernel(OhemWs w) {
-  for (int i = threadIdx.x; i < kHist0 + 2 * kHist1; i += blockDim.x) w.hist[i] = 0u;
-  if (threadIdx.x == 0) *w.state = OhemState{0ull, 0ll, 0u, 0u, 0u, 0u};
+  unsigned int* h = w.hist + int64_t(blockIdx.x) * kHistAll;
+  for (int i = threadIdx.x; i < kHistAll; i += blockDim.x) h[i] = 0u;
+  if (threadIdx.x == 0) w.state[blockIdx.x] = OhemState{0ull, 0ll, 0u, 0u, 0u, 0u};
 }
 
-// p (as an order-preserving key) and CE per pixel; level-0 histogram of the valid keys.
+// p (as an order-preserving key) and CE per pixel; the image's level-0 histogram of its valid
+// keys and its number of valid pixels.
 template <typename T>
 __global__ void CPS_PIXEL_BOUNDS ohem_pixel_kernel(View v, const T* __restrict__ X,
                                                               const void* __restrict__ Y,
@@ -259,41 +269,50 @@ __global__ void CPS_PIXEL_BOUNDS ohem_pixel_kernel(View v, const T* __restrict__
   }
   atomicAdd(&nvalid, cnt);
   __syncthreads();
+  unsigned int* g = w.hist + n * kHistAll;
   for (int i = threadIdx.x; i < kHist0; i += kThreads)
-    if (hist[i]) atomicAdd(&w.hist[i], hist[i]);
-  if (threadIdx.x == 0 && nvalid) atomicAdd(&w.state->num_valid, (unsigned long long)nvalid);
+    if (hist[i]) atomicAdd(&g[i], hist[i]);
+  if (threadIdx.x == 0 && nvalid)
+    atomicAdd(&w.state[n].num_valid, (unsigned long long)nvalid);
 }
 
-// Histogram of the keys that match the prefix found so far (levels 1 and 2).
+// Histogram of image n's keys that match the prefix found so far (levels 1 and 2); images
+// whose select does not run (they keep every valid pixel) skip the read.
 template <int kLevel>
-__global__ void CPS_PIXEL_BOUNDS ohem_hist_kernel(int64_t P, OhemWs w) {
-  if (!w.state->need) return;
+__global__ void CPS_PIXEL_BOUNDS ohem_hist_kernel(int64_t HW, OhemWs w) {
+  const int64_t n = blockIdx.y;
+  const OhemState* st = w.state + n;
+  if (!st->need) return;
   __shared__ unsigned int hist[kHist1];
   for (int i = threadIdx.x; i < kHist1; i += kThreads) hist[i] = 0u;
   __syncthreads();
   constexpr int kHiShift = kLevel == 1 ? 20 : 10;
   constexpr int kShift = kLevel == 1 ? 10 : 0;
-  const uint32_t want = w.state->prefix >> kHiShift;
-  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < P;
+  const uint32_t want = st->prefix >> kHiShift;
+  const uint32_t* key = w.key + n * HW;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < HW;
        i += int64_t(gridDim.x) * kThreads) {
-    const uint32_t k = w.key[i];
+    const uint32_t k = key[i];
     if (k != kInvalidKey && (k >> kHiShift) == want) atomicAdd(&hist[(k >> kShift) & 1023u], 1u);
   }
   __syncthreads();
-  unsigned int* g = w.hist + kHist0 + (kLevel - 1) * kHist1;
+  unsigned int* g = w.hist + n * kHistAll + kHist0 + (kLevel - 1) * kHist1;
   for (int i = threadIdx.x; i < kHist1; i += kThreads)
     if (hist[i]) atomicAdd(&g[i], hist[i]);
 }
 
-// One block: find the bucket holding the k_rem-th key; the last level sets the threshold.
+// One block per image: find the bucket holding its k_rem-th key; the last level sets the
+// image's threshold (key in the state, value in the op's threshold output).
 template <int kLevel>
 __global__ void __launch_bounds__(kScanThreads) ohem_scan_kernel(OhemWs w, long long min_kept,
-                                                                 float thresh) {
+                                                                 float thresh,
+                                                                 float* threshold) {
   using Scan = cub::BlockScan<unsigned long long, kScanThreads>;
   __shared__ typename Scan::TempStorage tmp;
-  OhemState* st = w.state;
+  const int64_t n = blockIdx.x;
+  OhemState* st = w.state + n;
   if (kLevel == 0 && threadIdx.x == 0) {
-    st->need = (min_kept > 0 && st->num_valid > (unsigned long long)min_kept) ? 1u : 0u;
+    st->need = ohem_selects((long long)st->num_valid, min_kept) ? 1u : 0u;
     st->k_rem = min_kept;
   }
   __syncthreads();
@@ -301,7 +320,8 @@ __global__ void __launch_bounds__(kScanThreads) ohem_scan_kernel(OhemWs w, long 
     constexpr int kBins = kLevel == 0 ? kHist0 : kHist1;
     constexpr int kPer = kBins / kScanThreads;
     constexpr int kShift = kLevel == 0 ? 20 : (kLevel == 1 ? 10 : 0);
-    const unsigned int* h = w.hist + (kLevel == 0 ? 0 : kHist0 + (kLevel - 1) * kHist1);
+    const unsigned int* h =
+        w.hist + n * kHistAll + (kLevel == 0 ? 0 : kHist0 + (kLevel - 1) * kHist1);
     unsigned long long local = 0;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) local += h[threadIdx.x * kPer + j];
@@ -325,28 +345,23 @@ __global__ void __launch_bounds__(kScanThreads) ohem_scan_kernel(OhemWs w, long 
   if (kLevel == 2) {
     __syncthreads();
     if (threadIdx.x == 0) {
-      // min_kept <= 0 switches the mining off (official code): every valid pixel is kept.
-      unsigned int thr;
-      if (st->need) {
-        const float kth = bits_to_f32(st->prefix);
-        thr = prob_key(kth > thresh ? kth : thresh);
-      } else {
-        thr = kKeepAllKey;
-      }
+      const unsigned int thr = ohem_threshold_key(st->need != 0u, st->prefix, thresh);
       st->thr = thr;
+      threshold[n] = ohem_threshold_value(thr);
     }
   }
 }
 
+// Kept sums per block (partials row n * gridDim.x + blockIdx.x) and the unscaled gradient.
 template <typename T>
 __global__ void CPS_PIXEL_BOUNDS ohem_final_kernel(View v, const T* __restrict__ X,
                                                               const void* __restrict__ Y,
                                                               int tcode, OhemWs w,
                                                               T* __restrict__ G,
                                                               double* __restrict__ partials) {
-  const uint32_t thr = w.state->thr;
-  const int C = int(v.C);
   const int64_t n = blockIdx.y;
+  const uint32_t thr = w.state[n].thr;
+  const int C = int(v.C);
   float acc[2] = {0.f, 0.f};
   for (int64_t p = int64_t(blockIdx.x) * kThreads + threadIdx.x; p < v.HW;
        p += int64_t(gridDim.x) * kThreads) {
@@ -363,7 +378,63 @@ __global__ void CPS_PIXEL_BOUNDS ohem_final_kernel(View v, const T* __restrict__
       write_ce_grad(X + off, G + off, v.sC, C, r, t, kept);
     }
   }
-  block_sum_store<2>(acc, partials + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kCols);
+  block_sum_store<2>(acc, partials + (n * gridDim.x + blockIdx.x) * kCols);
+}
+
+// One block: each warp sums its images' partial rows (warp w takes images w, w + 8, ...;
+// lanes stride over the rows, then a fixed shuffle tree), the warps' OhemMeans are merged
+// in warp order; the loss and every image's weight are written. Deterministic.
+__global__ void __launch_bounds__(kThreads) ohem_finalize_kernel(
+    const double* __restrict__ partials, int64_t N, int64_t rows_per_image, float* loss,
+    float* weight) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ double sm_total[kWarps];
+  __shared__ long long sm_images[kWarps];
+  __shared__ double sm_all_total;
+  __shared__ long long sm_all_images;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  OhemMean mine;
+  for (int64_t n = warp; n < N; n += kWarps) {
+    const double* rows = partials + n * rows_per_image * kCols;
+    double s = 0.0, c = 0.0;
+    for (int64_t r = lane; r < rows_per_image; r += 32) {
+      s += rows[r * kCols + 0];
+      c += rows[r * kCols + 1];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      s += __shfl_down_sync(0xffffffffu, s, o);
+      c += __shfl_down_sync(0xffffffffu, c, o);
+    }
+    if (lane == 0) {
+      mine.add(s, c);
+      weight[n] = float(c);  // the count for now (exact below 2^24); rescaled below
+    }
+  }
+  if (lane == 0) {
+    sm_total[warp] = mine.total;
+    sm_images[warp] = mine.images;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    OhemMean all;
+    for (int k = 0; k < kWarps; ++k) {  // fixed order
+      OhemMean part;
+      part.total = sm_total[k];
+      part.images = sm_images[k];
+      all.merge(part);
+    }
+    sm_all_total = all.total;
+    sm_all_images = all.images;
+    *loss = all.loss();
+  }
+  __syncthreads();
+  if (lane == 0) {
+    OhemMean all;
+    all.total = sm_all_total;
+    all.images = sm_all_images;
+    for (int64_t n = warp; n < N; n += kWarps) weight[n] = all.weight(double(weight[n]));
+  }
 }
 
 // ------------------------------------------------------------------------- confusion matrix
@@ -415,9 +486,9 @@ void check_grid(const View& v) {
 
 int64_t device_partial_rows(int64_t N, int64_t HW) { return N * pixel_blocks(HW, kPixPerThread); }
 
-int64_t device_ohem_workspace_bytes(int64_t P) {
-  return int64_t(align256(size_t(P) * 4) * 2 + align256(size_t(kHist0 + 2 * kHist1) * 4) +
-                 sizeof(OhemState));
+int64_t device_ohem_workspace_bytes(int64_t N, int64_t HW) {
+  return int64_t(align256(size_t(N * HW) * 4) + align256(size_t(N) * kHistAll * 4) +
+                 size_t(N) * sizeof(OhemState));
 }
 
 void ce_device(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode,
@@ -466,17 +537,22 @@ void cps_device(const View& v, int dtype, ptr_t a, ptr_t b, ptr_t valid, ptr_t i
 
 void ohem_device(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode,
                  float thresh, int64_t min_kept, int64_t ignore_index, ptr_t grad, ptr_t loss,
-                 ptr_t inv_count, ptr_t partials, ptr_t workspace, int device, ptr_t stream) {
+                 ptr_t weight, ptr_t key, ptr_t threshold, ptr_t partials, ptr_t workspace,
+                 int device, ptr_t stream) {
   check_grid(v);
   DeviceScope scope(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const int64_t P = v.N * v.HW;
-  const OhemWs w = ohem_layout(workspace, P);
+  const OhemWs w = ohem_layout(workspace, key, v.N, v.HW);
   const dim3 grid(unsigned(pixel_blocks(v.HW, kPixPerThread)), unsigned(v.N));
-  int64_t hblocks = (P + int64_t(kThreads) * 16 - 1) / (int64_t(kThreads) * 16);
-  hblocks = hblocks < 1 ? 1 : (hblocks > 2048 ? 2048 : hblocks);
+  // histogram blocks per image: 16 keys per thread, at most 2048 blocks in all
+  int64_t hb = (v.HW + int64_t(kThreads) * 16 - 1) / (int64_t(kThreads) * 16);
+  const int64_t hb_max = std::max<int64_t>(1, 2048 / v.N);
+  hb = hb < 1 ? 1 : (hb > hb_max ? hb_max : hb);
+  const dim3 hgrid(unsigned(hb), unsigned(v.N));
+  const unsigned nimg = unsigned(v.N);
+  float* thr = reinterpret_cast<float*>(threshold);
   double* part = reinterpret_cast<double*>(partials);
-  ohem_init_kernel<<<1, kThreads, 0, s>>>(w);
+  ohem_init_kernel<<<nimg, kThreads, 0, s>>>(w);
   check_launch("ohem init");
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -485,11 +561,11 @@ void ohem_device(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode
                                                    ignore_index, w);
   });
   check_launch("ohem pixel kernel");
-  ohem_scan_kernel<0><<<1, kScanThreads, 0, s>>>(w, (long long)min_kept, thresh);
-  ohem_hist_kernel<1><<<unsigned(hblocks), kThreads, 0, s>>>(P, w);
-  ohem_scan_kernel<1><<<1, kScanThreads, 0, s>>>(w, (long long)min_kept, thresh);
-  ohem_hist_kernel<2><<<unsigned(hblocks), kThreads, 0, s>>>(P, w);
-  ohem_scan_kernel<2><<<1, kScanThreads, 0, s>>>(w, (long long)min_kept, thresh);
+  ohem_scan_kernel<0><<<nimg, kScanThreads, 0, s>>>(w, (long long)min_kept, thresh, thr);
+  ohem_hist_kernel<1><<<hgrid, kThreads, 0, s>>>(v.HW, w);
+  ohem_scan_kernel<1><<<nimg, kScanThreads, 0, s>>>(w, (long long)min_kept, thresh, thr);
+  ohem_hist_kernel<2><<<hgrid, kThreads, 0, s>>>(v.HW, w);
+  ohem_scan_kernel<2><<<nimg, kScanThreads, 0, s>>>(w, (long long)min_kept, thresh, thr);
   check_launch("ohem select kernels");
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -498,9 +574,9 @@ void ohem_device(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode
                                                    w, reinterpret_cast<T*>(grad), part);
   });
   check_launch("ohem final kernel");
-  finalize_kernel<2><<<1, kThreads, 0, s>>>(part, int64_t(grid.x) * grid.y,
-                                            reinterpret_cast<float*>(loss),
-                                            reinterpret_cast<float*>(inv_count), nullptr);
+  ohem_finalize_kernel<<<1, kThreads, 0, s>>>(part, v.N, int64_t(grid.x),
+                                              reinterpret_cast<float*>(loss),
+                                              reinterpret_cast<float*>(weight));
   check_launch("ohem finalize");
 }
 

@@ -218,11 +218,12 @@ void cps_host(const View& v, int dtype, ptr_t a_ptr, ptr_t b_ptr, ptr_t valid_pt
 }
 
 void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, float thresh,
-               int64_t min_kept, int64_t ignore_index, ptr_t grad, ptr_t loss,
-               ptr_t inv_count, int nthreads) {
+               int64_t min_kept, int64_t ignore_index, ptr_t grad, ptr_t loss, ptr_t weight,
+               ptr_t key_ptr, ptr_t threshold, int nthreads) {
   const int C = int(v.C);
   const int64_t P = v.N * v.HW;
-  std::vector<uint32_t> key(P);
+  const int64_t per_img = (v.HW + kChunk - 1) / kChunk;  // chunks k of image n: n*per_img + j
+  uint32_t* key = reinterpret_cast<uint32_t*>(key_ptr);
   std::vector<float> ce(P);
   std::vector<int64_t> nvalid(n_chunks(v), 0);
   const void* Y = reinterpret_cast<const void*>(target);
@@ -259,23 +260,30 @@ void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, 
       nvalid[k] = cnt;
     });
   });
-  int64_t num_valid = 0;
-  for (int64_t c : nvalid) num_valid += c;
-  // threshold (the official ProbOhemCrossEntropy2d rule)
-  // min_kept <= 0 switches the mining off (official code): every valid pixel is kept.
-  uint32_t thr;
-  if (min_kept > 0 && num_valid > min_kept) {
-    std::vector<uint32_t> keys;
-    keys.reserve(num_valid);
-    for (uint32_t kk : key)
-      if (kk != kInvalidKey) keys.push_back(kk);
-    std::nth_element(keys.begin(), keys.begin() + (min_kept - 1), keys.end());
-    const float kth = bits_to_f32(keys[min_kept - 1]);
-    thr = prob_key(kth > thresh ? kth : thresh);
-  } else {
-    thr = kKeepAllKey;
+  // per-image threshold (the official ProbOhemCrossEntropy2d rule on each image)
+  std::vector<uint32_t> thr(v.N, kKeepAllKey);
+  float* TH = reinterpret_cast<float*>(threshold);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic) num_threads(nthreads > 0 ? nthreads : 1) if (v.N > 1)
+#endif
+  for (int64_t n = 0; n < v.N; ++n) {
+    int64_t num_valid = 0;
+    for (int64_t j = 0; j < per_img; ++j) num_valid += nvalid[n * per_img + j];
+    const bool sel = ohem_selects(num_valid, min_kept);
+    uint32_t kth = 0;
+    if (sel) {
+      std::vector<uint32_t> keys;
+      keys.reserve(num_valid);
+      const uint32_t* kn = key + n * v.HW;
+      for (int64_t i = 0; i < v.HW; ++i)
+        if (kn[i] != kInvalidKey) keys.push_back(kn[i]);
+      std::nth_element(keys.begin(), keys.begin() + (min_kept - 1), keys.end());
+      kth = keys[min_kept - 1];
+    }
+    thr[n] = ohem_threshold_key(sel, kth, thresh);
+    TH[n] = ohem_threshold_value(thr[n]);
   }
-  // pass 2: masked mean and gradient
+  // pass 2: per-chunk sums over the kept pixels, and the unscaled gradient
   std::vector<Acc> parts(n_chunks(v));
   dispatch_blk(dtype, v, [&]<typename T, bool kUnit>() {
     const T* X = reinterpret_cast<const T*>(logits);
@@ -285,11 +293,12 @@ void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, 
       Blk<T, kUnit> b;
       int t[kBlock];
       int on[kBlock];  // int, not bool: keeps the grad loop vectorisable
+      const uint32_t thr_n = thr[n];
       for (int64_t q = p0; q < p1; q += kBlock) {
         const int nb = int(std::min<int64_t>(kBlock, p1 - q));
         for (int i = 0; i < nb; ++i) {
           const int64_t j = n * v.HW + q + i;
-          on[i] = key[j] <= thr;
+          on[i] = key[j] <= thr_n;  // kInvalidKey is above every threshold key
           t[i] = on[i] ? int(load_label(Y, tcode, j)) : 0;
           if (on[i]) {
             a.loss += ce[j];
@@ -305,7 +314,20 @@ void ohem_host(const View& v, int dtype, ptr_t logits, ptr_t target, int tcode, 
       parts[k] = a;
     });
   });
-  write_mean(parts, loss, inv_count, nullptr);
+  // each image's sum and count in chunk order, then the mean of the image means
+  OhemMean mean;
+  std::vector<int64_t> count(v.N, 0);
+  for (int64_t n = 0; n < v.N; ++n) {
+    double s = 0.0;
+    for (int64_t j = 0; j < per_img; ++j) {
+      s += parts[n * per_img + j].loss;
+      count[n] += parts[n * per_img + j].count;
+    }
+    mean.add(s, double(count[n]));
+  }
+  *reinterpret_cast<float*>(loss) = mean.loss();
+  float* W = reinterpret_cast<float*>(weight);
+  for (int64_t n = 0; n < v.N; ++n) W[n] = mean.weight(double(count[n]));
 }
 
 void confusion_host(const View& v, int dtype, ptr_t x, int pcode, ptr_t target, int tcode,

@@ -199,6 +199,49 @@ CPS_HD float prob_of(const Row& r, float xt) { return prob_from(r.m, r.s, xt); }
 // OHEM key of a probability: nonnegative floats order like their bit patterns.
 CPS_HD uint32_t prob_key(float p) { return f32_to_bits(p); }
 
+// ---- OHEM, selected per image (the rule: kernels/ohem_cross_entropy.py). The host loops and
+// the CUDA kernels decide with these same functions; they differ only in how they find the
+// min_kept-th smallest key (std::nth_element there, a radix select on the device).
+//
+// Whether an image's selection runs: min_kept <= 0 switches the mining off (official code),
+// and an image with num_valid <= min_kept keeps every valid pixel.
+CPS_HD bool ohem_selects(int64_t num_valid, int64_t min_kept) {
+  return min_kept > 0 && num_valid > min_kept;
+}
+// Threshold key of an image: max(t, thresh) for t = its min_kept-th smallest p (kth_key), or
+// kKeepAllKey. A pixel is kept when its key <= the threshold key (ties all kept).
+CPS_HD uint32_t ohem_threshold_key(bool selects, uint32_t kth_key, float thresh) {
+  if (!selects) return kKeepAllKey;
+  const float kth = bits_to_f32(kth_key);
+  return prob_key(kth > thresh ? kth : thresh);
+}
+// The threshold as a probability (+inf: every valid pixel kept), the value the ops return.
+CPS_HD float ohem_threshold_value(uint32_t thr_key) {
+  return thr_key == kKeepAllKey ? bits_to_f32(0x7F800000u) : bits_to_f32(thr_key);
+}
+// The batch loss: the mean over the images with a kept pixel of each image's mean CE over its
+// kept pixels (0 when there is none), and the weight 1 / (num_counted_images * count_n) that
+// scales image n's unnormalised gradient. Images must be added in a fixed order.
+struct OhemMean {
+  double total = 0.0;  // sum of the counted images' means
+  int64_t images = 0;  // number of images with count > 0
+  CPS_HD void add(double sum, double count) {
+    if (count > 0.0) {
+      total += sum / count;
+      images += 1;
+    }
+  }
+  CPS_HD void merge(const OhemMean& o) {
+    total += o.total;
+    images += o.images;
+  }
+  CPS_HD double denom() const { return double(images > 0 ? images : 1); }
+  CPS_HD float loss() const { return float(total / denom()); }
+  CPS_HD float weight(double count) const {
+    return float(1.0 / (denom() * (count > 1.0 ? count : 1.0)));
+  }
+};
+
 // Unscaled CE gradient of one pixel: (softmax - onehot(t)) if on, else 0 (the caller scales
 // by 1/count in backward, where the upstream gradient is applied anyway).
 template <typename T, typename G>

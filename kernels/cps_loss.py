@@ -237,8 +237,13 @@ if HAVE_TRITON:
         _, stats, grad_a, grad_b, inv = output
         ctx.save_for_backward(grad_a, grad_b, inv)
         ctx.mark_non_differentiable(stats, grad_a, grad_b, inv)
+        # No zero gradients materialised for the stats, the two stored gradients and
+        # 1/count (two logits-sized allocations and memsets a step otherwise).
+        ctx.set_materialize_grads(False)
 
     def _cps_backward(ctx, g_loss, g_stats, g_ga, g_gb, g_inv):
+        if g_loss is None:   # the loss itself reached nothing that needs a gradient
+            return None, None, None, None, None, None
         grad_a, grad_b, inv = ctx.saved_tensors
         ga = scale_grad(grad_a, g_loss, inv) if ctx.needs_input_grad[0] else None
         gb = scale_grad(grad_b, g_loss, inv) if ctx.needs_input_grad[1] else None

@@ -4,7 +4,8 @@
 for; an ImportError here (triton missing) makes the backend unavailable with that reason.
 Each implementation is a thin wrapper over a ``torch.library`` custom op
 (``torch.ops.cps_fast.<op>_triton``) whose autograd formula only scales gradients the
-forward already wrote (CE, CPS) or computes the gradient in one kernel (OHEM).
+forward already wrote (CE, CPS) or computes the gradient in one kernel (OHEM); the confusion
+matrix has no gradient.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ if not HAVE_TRITON:
 
 from cps_fast import ops  # noqa: E402
 
+from .confusion_matrix import confusion_matrix_triton  # noqa: E402
 from .cps_loss import cps_loss_triton  # noqa: E402
 from .cross_entropy import cross_entropy_triton  # noqa: E402
 from .ohem_cross_entropy import ohem_cross_entropy_triton  # noqa: E402
@@ -25,8 +27,10 @@ OP_NAMES = {
     "ohem_cross_entropy": "cps_fast::ohem_cross_entropy_triton "
                           "(+ cps_fast::ohem_cross_entropy_triton_backward)",
     "cps_loss": "cps_fast::cps_loss_triton",
+    "confusion_matrix": "cps_fast::confusion_matrix_triton",
 }
 
 ops.register("cross_entropy", "triton")(cross_entropy_triton)
 ops.register("ohem_cross_entropy", "triton")(ohem_cross_entropy_triton)
 ops.register("cps_loss", "triton")(cps_loss_triton)
+ops.register("confusion_matrix", "triton")(confusion_matrix_triton)

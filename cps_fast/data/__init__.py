@@ -2,7 +2,8 @@
 
 Public entry points (see each module):
 
-- ``build_splits(cfg) -> Splits`` (datasets.py)
+- ``build_splits(cfg) -> Splits`` (datasets.py); split lists in every format and seeded
+  partitions: ``read_list``, ``write_list``, ``find_split_files``, ``make_partition`` (splits.py)
 - ``build_train_streams(cfg, splits, seed, method, rank, world_size)`` and
   ``iterate_val(samples, info, cfg)`` (loader.py)
 - ``check_dataset(splits, mode)`` (check.py)

@@ -1,7 +1,9 @@
 """``python -m cps_fast.data splits|check|preview|prepare`` — the data command line.
 
-    splits   write labeled / unlabeled lists for each partition asked, in the official file
-             naming (train_aug_labeled_1-8.txt), so that a run can be repeated exactly
+    splits   write labeled / unlabeled lists for each partition asked, so that a run can be
+             repeated exactly: --format cps (default) in the CPS file naming
+             (train_aug_labeled_1-8.txt; pseudoseg_labeled_92.txt for data.labeled_pool=fine),
+             --format unimatch as UniMatch's <split>/{labeled,unlabeled}.txt + val.txt
     check    scan the dataset and report every problem at once (exit 1 if any)
     preview  write N augmented training samples as PNGs (image | colour label)
     prepare  generate the synthetic sets or the Fashion-MNIST mosaics; for Cityscapes write
@@ -26,27 +28,28 @@ from ..errors import CpsFastError, DataError
 # --------------------------------------------------------------------------- config
 
 
-def base_config(preset: Optional[str]) -> Config:
-    """The starting Config: a named preset (cps_fast.presets) or the defaults."""
-    if preset:
-        from .. import presets
-        return presets.get(preset)
-    return Config()
+def base_config(preset: Optional[str], config_file: Optional[str] = None) -> Config:
+    """The starting Config: a named preset (cps_fast.presets) or the defaults, with a run
+    file (``--config``, YAML or JSON, see cps_fast/runfile.py) applied on top."""
+    from ..runfile import build_config
+    return build_config(preset, None, config_file, default_preset=None)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Apply --dataset, --data-root, --split, --split-seed, --split-dir and --set to a Config."""
+    """Apply --config, --dataset, --data-root, --split, --split-seed, --split-dir and --set
+    to a preset's (or the default) Config."""
     from .datasets import dataset_num_classes
 
-    cfg = base_config(getattr(args, "preset", None))
-    items = []
+    preset, config_file = getattr(args, "preset", None), getattr(args, "config", None)
+    cfg = base_config(preset, config_file)
+    items = [f"preset={preset}"] if preset else []
     sets = list(args.set or [])
     if args.dataset:
         items.append(f"data.dataset={args.dataset}")
         # Convenience: follow the dataset's class count unless --set gives one.
         if not any(s.strip().startswith("data.num_classes=") for s in sets):
             items.append(f"data.num_classes={dataset_num_classes(args.dataset)}")
-    elif not getattr(args, "preset", None) and not any(
+    elif not preset and not config_file and not any(
             s.strip().startswith("data.num_classes=") for s in sets):
         items.append(f"data.num_classes={dataset_num_classes(cfg.data.dataset)}")
     if args.data_root:
@@ -65,6 +68,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _common(p: argparse.ArgumentParser, multi_split: bool = False) -> None:
     p.add_argument("--preset", help="start from a preset of cps_fast.presets")
+    p.add_argument("--config", metavar="FILE",
+                   help="run file (YAML or JSON, e.g. a run's config.json) applied on top of "
+                        "the preset; the options below apply on top of it")
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root", help="dataset root directory")
     if multi_split:
@@ -81,21 +87,35 @@ def _common(p: argparse.ArgumentParser, multi_split: bool = False) -> None:
 
 
 def cmd_splits(args) -> int:
-    from .datasets import build_splits, split_tag, write_list
+    from .datasets import build_splits
+    from .splits import split_tag, unimatch_tag, write_list
 
     cfg = config_from_args(args)
     os.makedirs(args.out, exist_ok=True)
+    root = None
     for split in (args.split or [cfg.data.split]):
         over = [f"data.split={split}", "data.split_dir=none", "data.labeled_list=none",
                 "data.unlabeled_list=none"]
         sp = build_splits(cfg.apply_overrides(over).data)
-        tag = split_tag(split)
-        paths = cfg.data.dataset == "cityscapes"  # official Cityscapes lists hold paths
         root = sp.sources["root"]
+        if args.format == "unimatch":  # splits/<dataset>/<n>/{labeled,unlabeled}.txt
+            folder = os.path.join(args.out, unimatch_tag(split))
+            names = {k: os.path.join(folder, f"{k}.txt") for k in ("labeled", "unlabeled")}
+            shown = f"{folder}/{{labeled,unlabeled}}.txt"
+            fmt = "unimatch"
+        else:  # the CPS naming; the official Cityscapes lists hold paths, VOC's bare ids
+            prefix = "pseudoseg" if cfg.data.labeled_pool == "fine" else "train_aug"
+            tag = split_tag(split)
+            names = {k: os.path.join(args.out, f"{prefix}_{k}_{tag}.txt")
+                     for k in ("labeled", "unlabeled")}
+            shown = f"{args.out}/{prefix}_{{labeled,unlabeled}}_{tag}.txt"
+            fmt = "cps" if cfg.data.dataset == "cityscapes" else "ids"
         for kind, samples in (("labeled", sp.labeled), ("unlabeled", sp.unlabeled)):
-            write_list(os.path.join(args.out, f"train_aug_{kind}_{tag}.txt"), samples, root, paths)
-        print(f"split {split} (seed {cfg.data.split_seed}): {len(sp.labeled)} labeled, "
-              f"{len(sp.unlabeled)} unlabeled -> {args.out}/train_aug_{{labeled,unlabeled}}_{tag}.txt")
+            write_list(names[kind], samples, root, fmt=fmt)
+        print(f"split {split} (seed {cfg.data.split_seed}, {cfg.data.labeled_pool} pool): "
+              f"{len(sp.labeled)} labeled, {len(sp.unlabeled)} unlabeled -> {shown}")
+    if args.format == "unimatch" and root is not None:  # UniMatch keeps val.txt beside them
+        write_list(os.path.join(args.out, "val.txt"), sp.val, root, fmt="unimatch")
     return 0
 
 
@@ -223,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("splits", help="write labeled/unlabeled lists for partitions")
     _common(p, multi_split=True)
     p.add_argument("--out", required=True, help="folder for the list files")
+    p.add_argument("--format", choices=("cps", "unimatch"), default="cps",
+                   help="cps: train_aug_{labeled,unlabeled}_1-8.txt (bare ids for VOC, "
+                        "/image<TAB>/label for Cityscapes); unimatch: <split>/"
+                        "{labeled,unlabeled}.txt of 'image label' lines, and val.txt")
     p.set_defaults(func=cmd_splits)
 
     p = sub.add_parser("check", help="validate the dataset, report every problem")

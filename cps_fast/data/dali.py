@@ -6,9 +6,10 @@ very same samples as the PyTorch loader, up to the resampling filter (DALI's ant
 linear resize vs PIL's bilinear: a level or two of 255 at most) and the JPEG decoder
 (nvJPEG on the GPU):
 
-- the host reuses the PyTorch loader's sampler: the epoch order ``epoch_permutation(seed,
-  name, epoch)``, the rank's share ``shard_positions`` and the run-on-across-epochs batching
-  (``loader._KeySampler``), and each sample's RNG ``sample_rng(seed, name, epoch, position)``
+- the host reuses the PyTorch loader's sampler (stream_order.py): the epoch order
+  ``epoch_permutation(seed, name, epoch)``, the rank's share ``shard_positions`` and the
+  run-on-across-epochs batching (``KeySampler``), and each sample's RNG
+  ``sample_rng(seed, name, epoch, position)``
   from which ``transforms.draw_params`` draws (scale, crop offsets, flip) — so the DALI
   path draws the same random values, and ``state_dict`` / ``load_state_dict`` resume it
   exactly as they resume the PyTorch one;
@@ -51,26 +52,8 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .dali_host import HostSample, check_label_batch, find_bad_file, prepare_sample
 from .datasets import DatasetInfo, Splits
-from .loader import StreamPosition, epoch_permutation, sample_rng, shard_positions
-
-try:  # the PyTorch loader's batch-key sampler: the same run-on-across-epochs batching
-    from .loader import _KeySampler
-except ImportError:  # renamed upstream: the same few lines (tests compare the two orders)
-    class _KeySampler:  # type: ignore[no-redef]
-        def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
-            self.positions = shard_positions(n, rank, world_size)
-            self.batch_size, self.start = batch_size, (0, 0)
-
-        def __iter__(self):
-            epoch, pos = self.start
-            while True:
-                batch = []
-                while len(batch) < self.batch_size:
-                    batch.append((epoch, int(self.positions[pos])))
-                    pos += 1
-                    if pos == len(self.positions):
-                        epoch, pos = epoch + 1, 0
-                yield batch
+from .stream_order import (KeySampler, StreamPosition, epoch_permutation, sample_rng,
+                           shard_positions)
 from .transforms import AugParams, draw_params
 
 __all__ = ["DaliTrainStream", "build_dali_streams", "iterate_val_dali", "dali_device_id",
@@ -358,7 +341,7 @@ class DaliTrainStream(StreamPosition):
 
     # ---------------------------------------------------------------- pipeline
     def _start(self) -> None:
-        sampler = _KeySampler(len(self.samples), self.batch_size, self.rank, self.world_size)
+        sampler = KeySampler(len(self.samples), self.batch_size, self.rank, self.world_size)
         sampler.start = (self._epoch, self._pos)
         self._keys = iter(sampler)
         self._pool = ThreadPoolExecutor(self.host_threads, thread_name_prefix=f"dali-{self.name}")

@@ -3,10 +3,14 @@
 ``build_splits(cfg)`` finds the dataset tree under ``cfg.root`` (PASCAL VOC official or CPS
 layout, Cityscapes official or CPS layout, or the built-in synthetic set), indexes its files
 once with a directory scan (so that checking 10k list entries is a set lookup, not 10k
-``stat`` calls), and resolves the split lists against that index. Lists may name bare ids
-(``2007_000032``) or ``image_path<TAB>label_path`` lines relative to the root; both resolve
-through the id, so the official CPS Cityscapes lists (``/images/train/x.png ...``) also work
-on the official ``leftImg8bit/`` tree.
+``stat`` calls), and resolves the split lists against that index. Lists (splits.py) may
+name bare ids (``2007_000032``), ``image<TAB>label`` paths (CPS) or ``image label`` paths
+(UniMatch); all resolve through the id, so the official CPS Cityscapes lists
+(``/images/train/x.png ...``) also work on the official ``leftImg8bit/`` tree.
+
+``data.labeled_pool=fine`` is VOC's few-label protocol: the labeled images are drawn from
+(or listed among) the 1464 finely annotated images of ``ImageSets/Segmentation/train.txt``,
+and the unlabeled split is the rest of the train list (train_aug).
 
 Every problem raises ``DataError`` naming the file or option, unless ``strict=False``, in
 which case problems are collected in ``Splits.problems`` (``python -m cps_fast.data check``
@@ -15,21 +19,21 @@ reports them all at once).
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Iterable, Optional
 
 import numpy as np
 
-from ..config import DataConfig, parse_split
+from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .cityscapes_labels import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_NUM_CLASSES,
                                 CITYSCAPES_PALETTE, labelid_to_trainid_lut)
 from . import fashion, synthetic, synthetic_v2
 from .info import DatasetInfo, voc_palette  # noqa: F401  (re-exported)
+# Split lists and partitions live in splits.py; re-exported here for existing imports.
+from .splits import (ListEntry, find_split_files, id_from_path, labeled_count,  # noqa: F401
+                     make_partition, read_list, split_tag, write_list)
 
 # --------------------------------------------------------------------------- records
 
@@ -113,126 +117,6 @@ def _preview(ids: list, n: int = 5) -> str:
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > n else f" ({len(ids)} in all)")
 
 
-# --------------------------------------------------------------------------- list files
-
-_IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
-
-
-def id_from_path(path: str) -> str:
-    """``/images/train/jena_000078_000019.png`` -> ``jena_000078_000019``; also strips the
-    Cityscapes ``_leftImg8bit`` suffix so that CPS and official trees share ids."""
-    stem = os.path.splitext(os.path.basename(path.replace("\\", "/")))[0]
-    return stem[: -len("_leftImg8bit")] if stem.endswith("_leftImg8bit") else stem
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    id: str
-    image: Optional[str] = None   # as written in the list (relative to the root)
-    label: Optional[str] = None
-
-
-def read_list(path: str) -> list:
-    """Parse a split list: one bare id per line, or ``image<TAB>label`` (or two
-    whitespace-separated paths). Tolerates CRLF, trailing blanks, blank lines, '#' comments."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: split list not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read split list ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: split list is not UTF-8 text") from None
-    entries = []
-    for line in text.splitlines():  # handles \n, \r\n and \r
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "\t" in line:
-            parts = [p.strip() for p in line.split("\t") if p.strip()]
-        else:
-            parts = line.split()
-            # Two tokens that look like image paths: "JPEGImages/x.jpg SegmentationClassAug/x.png".
-            # Anything else is a bare id (which may itself contain spaces).
-            if not (len(parts) == 2 and all(p.lower().endswith(_IMG_EXT) for p in parts)):
-                parts = [line]
-        if len(parts) == 1 and not parts[0].lower().endswith(_IMG_EXT):
-            entries.append(ListEntry(parts[0]))
-        else:
-            entries.append(ListEntry(id_from_path(parts[0]), parts[0],
-                                     parts[1] if len(parts) > 1 else None))
-    if not entries:
-        raise DataError(f"{path}: split list is empty")
-    return entries
-
-
-def split_tag(split: str) -> str:
-    """'1/8' -> '1-8'; '183' -> '183' (the official file naming)."""
-    return str(split).strip().replace("/", "-")
-
-
-def find_split_files(split_dir: str, split: str) -> tuple:
-    """Find ``*labeled_<tag>.txt`` and ``*unlabeled_<tag>.txt`` under ``split_dir`` (or one
-    or two folders down, as in the official ``subset_train_aug/``). Prefers ``train_aug_``."""
-    if not os.path.isdir(split_dir):
-        raise DataError(f"data.split_dir: {split_dir} is not a directory")
-    tag = split_tag(split)
-    found = {"labeled": [], "unlabeled": []}
-    for depth in ("", "*", "*/*"):
-        for p in sorted(glob.glob(os.path.join(glob.escape(split_dir), depth, f"*labeled_{tag}.txt"))):
-            name = os.path.basename(p)
-            kind = "unlabeled" if re.search(r"(^|_)unlabeled_", name) else "labeled"
-            found[kind].append(p)
-        if found["labeled"] and found["unlabeled"]:
-            break
-    out = []
-    for kind in ("labeled", "unlabeled"):
-        cands = found[kind]
-        if not cands:
-            raise DataError(f"data.split_dir: no *{kind}_{tag}.txt for split {split} in {split_dir}")
-        pref = [p for p in cands if os.path.basename(p).startswith("train_aug_")]
-        if len(cands) > 1 and len(pref) != 1:
-            raise DataError(f"data.split_dir: several {kind} lists for split {split}: "
-                            f"{', '.join(cands[:4])}; name one with data.{kind}_list")
-        out.append(pref[0] if pref else cands[0])
-    return out[0], out[1]
-
-
-# --------------------------------------------------------------------------- partitions
-
-
-def labeled_count(n: int, split: str) -> int:
-    """Number of labeled images for ``split`` over ``n`` train images. Fractions round up,
-    which reproduces the official counts (10582 -> 662/1323/2646/5291; 2975 -> 186/372/744/1488)."""
-    kind, _ = parse_split(split)
-    if kind == "fraction":
-        frac = Fraction(str(split).strip())
-        k = -(-n * frac.numerator // frac.denominator)
-    else:
-        k = int(str(split).strip())
-    if k > n:
-        raise ConfigError(f"data.split: {split} asks for {k} labeled images but the train "
-                          f"list has only {n}")
-    return k
-
-
-def make_partition(ids: list, split: str, seed: int) -> tuple:
-    """Seeded partition of ``ids`` into (labeled, unlabeled), disjoint, both in list order.
-
-    Depends only on (ids in order, split, seed): the same inputs give the same lists bitwise.
-    """
-    k = labeled_count(len(ids), split)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x5C17])))
-    chosen = np.zeros(len(ids), dtype=bool)
-    chosen[rng.permutation(len(ids))[:k]] = True
-    labeled = [i for i, c in zip(ids, chosen) if c]
-    unlabeled = [i for i, c in zip(ids, chosen) if not c]
-    return labeled, unlabeled
-
-
 # --------------------------------------------------------------------------- layouts
 
 
@@ -248,6 +132,8 @@ class _Layout:
     info: DatasetInfo
     train_src: str = ""
     val_src: str = ""
+    fine_ids: Optional[list] = None   # VOC's 1464 finely annotated train ids, when listed
+    fine_src: str = ""
 
 
 def _scan(dirpath: str, suffix: str) -> dict:
@@ -304,7 +190,10 @@ def _voc_official(base: str, info: DatasetInfo) -> _Layout:
         if not os.path.isfile(train_file):
             raise DataError(f"{sets}: neither train_aug.txt nor train.txt found")
         train_ids, train_src = [e.id for e in read_list(train_file)], train_file
-    return _Layout(base, "voc-official", index, index, train_ids, val_ids, info, train_src, val_file)
+    fine_file = os.path.join(sets, "train.txt")  # the fine (non-SBD) annotations' train list
+    fine = [e.id for e in read_list(fine_file)] if os.path.isfile(fine_file) else None
+    return _Layout(base, "voc-official", index, index, train_ids, val_ids, info, train_src,
+                   val_file, fine, fine_file if fine is not None else "")
 
 
 def _voc_cps(root: str, train_name: str, info: DatasetInfo) -> _Layout:
@@ -322,7 +211,12 @@ def _voc_cps(root: str, train_name: str, info: DatasetInfo) -> _Layout:
             ids, src = sorted(index), img_dir
         sides[side] = (index, ids, src)
     (ti, tids, tsrc), (vi, vids, vsrc) = sides[train_name], sides["val"]
-    return _Layout(root, "voc-cps", ti, vi, tids, vids, info, tsrc, vsrc)
+    # The CPS release keeps the 1464 fine ids in train.txt beside train_aug.txt.
+    fine_file = os.path.join(root, "train.txt")
+    fine = ([e.id for e in read_list(fine_file)]
+            if train_name == "train_aug" and os.path.isfile(fine_file) else None)
+    return _Layout(root, "voc-cps", ti, vi, tids, vids, info, tsrc, vsrc, fine,
+                   fine_file if fine is not None else "")
 
 
 def _cityscapes_layout(root: str) -> _Layout:
@@ -452,6 +346,17 @@ def build_splits(cfg: DataConfig, strict: bool = True) -> Splits:
     root_abs = os.path.abspath(layout.root)
 
     # ---- labeled / unlabeled
+    fine = cfg.labeled_pool == "fine"
+    if fine and cfg.dataset != "voc":
+        raise ConfigError(f"data.labeled_pool: fine is VOC's few-label protocol; the "
+                          f"{cfg.dataset} dataset has no such subset")
+    if fine and layout.fine_ids is None:
+        raise DataError(f"{layout.root}: data.labeled_pool=fine needs the list of the 1464 "
+                        "finely annotated images (ImageSets/Segmentation/train.txt, or "
+                        "train.txt beside the CPS train_aug/ folder)")
+    pool_ids = layout.fine_ids if fine else layout.train_ids
+    pool_src = layout.fine_src if fine else layout.train_src
+    unl_entries, unl_src = None, None
     if cfg.labeled_list or cfg.unlabeled_list:
         if not cfg.labeled_list:
             raise ConfigError("data.labeled_list: needed when data.unlabeled_list is given")
@@ -460,21 +365,34 @@ def build_splits(cfg: DataConfig, strict: bool = True) -> Splits:
         if cfg.unlabeled_list:
             unl_src = cfg.unlabeled_list
             unl_entries = read_list(unl_src)
-        else:  # unlabeled = the rest of the train list
-            lab_ids = {e.id for e in lab_entries}
-            unl_src = f"{layout.train_src} minus {lab_src}"
-            unl_entries = [ListEntry(i) for i in layout.train_ids if i not in lab_ids]
     elif cfg.split_dir:
-        lab_src, unl_src = find_split_files(cfg.split_dir, cfg.split)
-        lab_entries, unl_entries = read_list(lab_src), read_list(unl_src)
+        lab_src, unl_file = find_split_files(cfg.split_dir, cfg.split, cfg.labeled_pool,
+                                             len(pool_ids) if pool_ids else None, cfg.dataset)
+        lab_entries = read_list(lab_src)
+        # The few-label protocol's unlabeled split is the rest of train_aug, whatever list
+        # sits beside the labeled one: the CPS release's pseudoseg_unlabeled_1-N.txt hold the
+        # rest of the 1464 only (one id repeated from the labeled list), and the CPS authors
+        # trained on all of train_aug instead (TorchSemiSeg issue #22).
+        if unl_file and not fine:
+            unl_src, unl_entries = unl_file, read_list(unl_file)
     else:
-        if not layout.train_ids:
-            raise DataError(f"{layout.train_src}: the train list is empty")
-        lab_ids, unl_ids = make_partition(layout.train_ids, cfg.split, cfg.split_seed)
-        lab_src = f"partition {cfg.split} (seed {cfg.split_seed}) of {layout.train_src}"
-        unl_src = f"rest of {layout.train_src}"
+        if not pool_ids:
+            raise DataError(f"{pool_src}: the list the labeled images are drawn from is empty")
+        lab_ids, _ = make_partition(pool_ids, cfg.split, cfg.split_seed)
+        lab_src = f"partition {cfg.split} (seed {cfg.split_seed}) of {pool_src}"
         lab_entries = [ListEntry(i) for i in lab_ids]
-        unl_entries = [ListEntry(i) for i in unl_ids]
+        unl_src = f"rest of {layout.train_src}"
+    if unl_entries is None:  # unlabeled = the rest of the train list
+        lab_ids = {e.id for e in lab_entries}
+        unl_src = unl_src or f"{layout.train_src} minus {lab_src}"
+        unl_entries = [ListEntry(i) for i in layout.train_ids if i not in lab_ids]
+    if fine:
+        fine_set = set(layout.fine_ids)
+        outside = [e.id for e in lab_entries if e.id not in fine_set]
+        if outside:
+            problems.report(f"{lab_src}: labeled ids that are not among the finely annotated "
+                            f"images of {layout.fine_src} (data.labeled_pool=fine): "
+                            f"{_preview(outside)}")
 
     labeled = _resolve(lab_entries, layout.train, root_abs, lab_src, True, problems)
     unlabeled = _resolve(unl_entries, layout.train, root_abs, unl_src, False, problems) \
@@ -495,28 +413,10 @@ def build_splits(cfg: DataConfig, strict: bool = True) -> Splits:
 
     return Splits(labeled, unlabeled, val, layout.info, problems.items,
                   {"root": root_abs, "layout": layout.kind, "labeled": lab_src,
-                   "unlabeled": unl_src, "val": val_src})
-
-
-def write_list(path: str, samples: list, root: Optional[str] = None, paths: bool = False) -> None:
-    """Write a split list: bare ids, or (``paths=True``) ``/image<TAB>/label`` relative to
-    ``root`` as in the official Cityscapes lists. Unix newlines."""
-    lines = []
-    for s in samples:
-        if paths and root:
-            img = "/" + os.path.relpath(s.image, root).replace(os.sep, "/")
-            lab = "/" + os.path.relpath(s.label, root).replace(os.sep, "/") if s.label else ""
-            lines.append(f"{img}\t{lab}" if lab else img)
-        else:
-            lines.append(s.id)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="\n") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+                   "unlabeled": unl_src, "val": val_src, "labeled_pool": cfg.labeled_pool})
 
 
 __all__ = [
-    "Sample", "DatasetInfo", "Splits", "build_splits", "read_list", "find_split_files",
-    "make_partition", "labeled_count", "voc_info", "cityscapes_info", "voc_palette",
-    "id_from_path", "split_tag", "write_list", "VOC_CLASS_NAMES", "dataset_info", "GENERATED",
+    "Sample", "DatasetInfo", "Splits", "build_splits", "voc_info", "cityscapes_info",
+    "voc_palette", "VOC_CLASS_NAMES", "dataset_info", "GENERATED",
 ]

@@ -25,8 +25,7 @@ one-line ``DataError`` ("<file>: cannot decode image ...") rather than a wrapped
 
 from __future__ import annotations
 
-import zlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,32 +35,11 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .datasets import DatasetInfo, Splits
 from .io import read_pair
+# The order, sharding and per-sample RNG of a stream live in stream_order.py, shared with
+# the DALI streams (dali.py) without an import circle; re-exported here for existing imports.
+from .stream_order import (KeySampler, StreamPosition, epoch_permutation,  # noqa: F401
+                           sample_rng, shard_positions)
 from .transforms import train_transform, val_transform
-
-_PERM, _AUG = 0, 1  # purpose tags in the seed sequences, so the streams never collide
-
-
-def _name_key(name: str) -> int:
-    # A stable hash (Python's hash() is salted per process).
-    return zlib.crc32(name.encode("utf-8"))
-
-
-def epoch_permutation(n: int, seed: int, name: str, epoch: int) -> np.ndarray:
-    """The order of epoch ``epoch`` of split ``name``: a permutation of ``range(n)``."""
-    ss = np.random.SeedSequence([int(seed), _name_key(name), int(epoch), _PERM])
-    return np.random.Generator(np.random.PCG64(ss)).permutation(n)
-
-
-def sample_rng(seed: int, name: str, epoch: int, position: int) -> np.random.Generator:
-    """The augmentation RNG of global position ``position`` in epoch ``epoch``."""
-    ss = np.random.SeedSequence([int(seed), _name_key(name), int(epoch), _AUG, int(position)])
-    return np.random.Generator(np.random.PCG64(ss))
-
-
-def shard_positions(n: int, rank: int, world_size: int) -> np.ndarray:
-    """Global positions (into the padded epoch order) that ``rank`` takes."""
-    per_rank = -(-n // world_size)  # ceil
-    return rank + world_size * np.arange(per_rank)
 
 
 class _Failure:
@@ -119,73 +97,10 @@ def _collate(items):
     return out
 
 
-class _KeySampler:
-    """Infinite batch sampler of keys ``(epoch, global_position)`` from a start state."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int):
-        self.positions = shard_positions(n, rank, world_size)
-        self.batch_size = batch_size
-        self.start = (0, 0)
-
-    def __iter__(self) -> Iterator[list]:
-        epoch, pos = self.start
-        shard = len(self.positions)
-        while True:
-            batch = []
-            while len(batch) < self.batch_size:
-                batch.append((epoch, int(self.positions[pos])))
-                pos += 1
-                if pos == shard:
-                    epoch, pos = epoch + 1, 0
-            yield batch
-
-
 def _worker_init(_):
     # Each worker decodes and augments one sample at a time; torch's intra-op threads would
     # only oversubscribe the cores the other workers use.
     torch.set_num_threads(1)
-
-
-class StreamPosition:
-    """The state both stream kinds (this PyTorch one and DALI's) share: ``(epoch, position
-    in this rank's shard)`` of the next sample, advanced only for batches returned."""
-
-    name: str
-    batch_size: int
-    _shard_len: int
-    _epoch: int = 0
-    _pos: int = 0
-
-    def __iter__(self):
-        return self
-
-    def _advance(self) -> None:
-        self._pos += self.batch_size
-        self._epoch += self._pos // self._shard_len
-        self._pos %= self._shard_len
-
-    @property
-    def epoch(self) -> int:
-        """Epochs completed over this rank's shard of the split."""
-        return self._epoch
-
-    @property
-    def batches_per_epoch(self) -> float:
-        return self._shard_len / self.batch_size
-
-    def __len__(self) -> int:
-        """Samples in this rank's shard of one epoch."""
-        return self._shard_len
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "position": self._pos}
-
-    def load_state_dict(self, d: dict) -> None:
-        epoch, pos = int(d["epoch"]), int(d["position"])
-        if epoch < 0 or not 0 <= pos < self._shard_len:
-            raise DataError(f"{self.name} stream: bad state {d} (shard of {self._shard_len})")
-        self.close()  # drop whatever was prefetched from the old position
-        self._epoch, self._pos = epoch, pos
 
 
 class TrainStream(StreamPosition):
@@ -202,7 +117,7 @@ class TrainStream(StreamPosition):
         self.name, self.batch_size, self.num_workers = name, batch_size, cfg.num_workers
         self.with_labels = with_labels
         self._dataset = _TrainDataset(samples, info, cfg, seed, name, with_labels)
-        self._sampler = _KeySampler(len(samples), batch_size, rank, world_size)
+        self._sampler = KeySampler(len(samples), batch_size, rank, world_size)
         self._shard_len = len(self._sampler.positions)
         self._epoch, self._pos = 0, 0
         self._it = None

@@ -28,7 +28,8 @@ from ..metrics import format_iou_table, iou_from_confusion, mean_iou, overlap_ra
 from ..models import build_model
 from ..runlog import MetricsLog, Progress
 from ..distributed import DistInfo, all_reduce_, barrier, convert_sync_bn, wrap_ddp
-from .evaluator import evaluate
+from .evaluator import (check_select, eval_figures, evaluate, figure_label, format_mious,
+                        headline, protocol, protocol_str)
 from .graph import GraphStep, make_step
 from .optim import PolySGD
 from .step import TrainStep
@@ -85,6 +86,9 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | os.PathLike, resume: Optional[str] = None,
                  dist_info: Optional[DistInfo] = None, device: Optional[torch.device] = None,
                  quiet: bool = False):
+        # A paper preset without its ImageNet backbone (or with a missing file) stops here,
+        # in one line, before any data is read or generated.
+        presets.check_backbone_start(cfg)
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         rank, world_size = self.dist.rank, self.dist.world_size
@@ -134,8 +138,16 @@ class Trainer:
             if cfg.model.channels_last:
                 net = net.to(memory_format=torch.channels_last)
             self.nets.append(net)
-        if getattr(self.nets[0], "pretrained_report", None) is not None:
-            self._say(f"pretrained backbone: {self.nets[0].pretrained_report}")
+        report = getattr(self.nets[0], "pretrained_report", None)
+        if report is not None:
+            self.backbone_start = (f"ImageNet weights from {report.path} "
+                                   f"({len(report.loaded)} tensors)")
+            self._say(f"pretrained backbone: {report}")
+        else:
+            self.backbone_start = "from scratch (model.pretrained=none)"
+            self._say(f"backbone: {self.backbone_start}" + (
+                "" if cfg.data.dataset == "synthetic" else
+                " -- the published numbers of this preset assume an ImageNet backbone"))
         seed_everything(cfg.train.seed)
 
         # ---- optimisation
@@ -156,6 +168,10 @@ class Trainer:
             reduce_flag=(lambda t: all_reduce_(t, "max")) if self.dist.enabled else None)
         self.step_fn = make_step(self.step_fn, cfg.train.path, self.device, world_size,
                                  warmup=cfg.train.graph_warmup, say=self._warn)
+        # Which figures evaluation computes and which is the headline: checked now, not
+        # at the first evaluation hours later.
+        self.eval_figures = eval_figures(cfg.eval.network, n_nets)
+        check_select(cfg.eval.select, self.eval_figures, cfg.eval.network)
         self.images_per_step = cfg.data.batch_size + (
             0 if cfg.train.method == "supervised"
             else cfg.data.unlabeled_batch_size * (2 if cfg.train.method == "cps-cutmix" else 1))
@@ -200,6 +216,7 @@ class Trainer:
             raise ConfigError(f"--out {self.run_dir}: not writable ({e.strerror})") from None
         resolved = self.cfg.to_dict()
         resolved["derived"] = {"total_iters": self.total_iters, "base_lr": self.base_lr,
+                               "backbone_start": self.backbone_start,
                                "world_size": self.world_size,
                                "global_batch": self.cfg.data.batch_size * self.world_size,
                                "device": str(self.device),
@@ -324,32 +341,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
+        """Evaluate the figures of ``eval.network``; the record's ``miou`` is the headline
+        (``eval.select``, network a by default as the official evaluation), ``miou_a`` /
+        ``miou_b`` / ``miou_ensemble`` each figure, ``protocol`` how they were measured."""
         cfg = self.cfg
-        which = cfg.eval.network
-        names = ["a", "b"][:len(self.nets)]
-        if which in ("a", "b") and which in names:
-            names = [which]
-        nets = {k: self.nets["ab".index(k)] for k in names}
+        nets = {k: net for k, net in zip("ab", self.nets)}
         samples = self.splits.val[:cfg.data.val_max_images]
+        n_total = len(samples)
         samples = samples[self.rank::self.world_size]  # each rank evaluates its share
         val = iterate_val(samples, self.info, cfg.data, max_images=None, device=self.device)
-        n_val = len(samples)
-        bar = Progress(n_val, desc="eval", enabled=self.is_main and not self.quiet)
+        bar = Progress(len(samples), desc="eval", enabled=self.is_main and not self.quiet)
         cms = evaluate(nets, val, cfg.eval, self.info.num_classes, cfg.data.ignore_index,
                        self.device, self.amp_dtype, cfg.train.kernels,
-                       ensemble=which == "ensemble", progress=lambda i: bar.update(i))
+                       figures=self.eval_figures, progress=lambda i: bar.update(i))
         bar.close()
         for cm in cms.values():
             all_reduce_(cm)  # the confusion matrices of all ranks' shares
         rec = {"kind": "eval", "step": self.step, "time": time.time()}
-        for k, cm in cms.items():
+        for k, cm in cms.items():  # host sync: one copy per figure, at evaluation only
             rec[f"miou_{k}"] = mean_iou(cm)
             rec[f"iou_{k}"] = [None if v != v else float(v) for v in iou_from_confusion(cm)]
-        rec["miou"] = max(rec[f"miou_{k}"] for k in cms)
+        head = headline({k: rec[f"miou_{k}"] for k in cms}, cfg.eval.select)
+        rec["miou"] = rec[f"miou_{head}"]
+        rec["headline"] = head
+        rec["protocol"] = protocol(cfg.eval, list(cms), n_total)
+        rec["protocol_str"] = protocol_str(rec["protocol"])
         if self.log is not None:
             self.log.write(rec)
-        self._say(f"step {self.step}: " + ", ".join(f"mIoU({k}) {100 * rec[f'miou_{k}']:.2f}"
-                                                    for k in cms))
+        self._say(f"step {self.step}: " + format_mious(rec, list(cms)))
         rec["confusion"] = {k: cm.cpu() for k, cm in cms.items()}
         return rec
 
@@ -420,9 +439,9 @@ class Trainer:
         if self.is_main:
             self._write_plots()
         if self.is_main and not self.quiet:
-            print(format_iou_table(last_eval["confusion"][max(
-                last_eval["confusion"], key=lambda k: last_eval[f"miou_{k}"])],
-                self.info.class_names))
+            head = last_eval["headline"]
+            print(f"{figure_label(head)} (the headline mIoU), {last_eval['protocol_str']}:")
+            print(format_iou_table(last_eval["confusion"][head], self.info.class_names))
         return last_eval
 
     def _write_plots(self) -> None:
@@ -434,6 +453,7 @@ class Trainer:
 
     def _eval_and_checkpoint(self) -> dict:
         rec = self.evaluate()
+        # best.pt follows the headline figure (eval.select), not the best of the networks.
         is_best = rec["miou"] > self.best_miou
         if is_best:
             self.best_miou = rec["miou"]

@@ -1,4 +1,5 @@
-"""Segmentation networks: DeepLabv3+ on ResNet-50/101 v1c (or a tiny CPU backbone).
+"""Segmentation networks: DeepLabv3+ on ResNet-50/101 (v1c, torchvision or mmseg stem;
+see ``resnet.py``) or a tiny CPU backbone.
 
     model = build_model(cfg.model, num_classes)   # draws init from the current torch RNG
     logits = model(images)                        # (N, num_classes, H, W), H, W of the input
@@ -12,14 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import PRETRAINED_NONE, PRETRAINED_REQUIRED, ModelConfig
 from ..errors import ConfigError
 from .deeplabv3plus import ASPP, DeepLabV3Plus, DeepLabV3PlusHead, aspp_rates
-from .pretrained import LoadReport, load_backbone
+from .pretrained import Layout, LoadReport, file_layout, load_backbone, variant_for
 from .resnet import BACKBONES, Bottleneck, ResNet, build_backbone, dilation_plan
 
 __all__ = [
-    "build_model", "count_parameters", "load_backbone", "LoadReport",
+    "build_model", "count_parameters", "load_backbone", "LoadReport", "Layout", "file_layout",
+    "variant_for",
     "DeepLabV3Plus", "DeepLabV3PlusHead", "ASPP", "aspp_rates",
     "ResNet", "Bottleneck", "build_backbone", "dilation_plan", "BACKBONES",
 ]
@@ -29,15 +31,21 @@ def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
     """DeepLabv3+ as ``cfg`` describes, on the CPU, in float32, in training mode.
 
     Loads the backbone from ``cfg.pretrained`` unless it is ``"none"`` (the load report is
-    kept as ``model.pretrained_report`` for logging); converts to channels_last when
-    ``cfg.channels_last``. SyncBatchNorm (``cfg.sync_bn``) is left to the distributed
-    wrapper, which knows the process group.
+    kept as ``model.pretrained_report`` for logging; ``"required"``, a paper preset's
+    placeholder, is refused); converts to channels_last when ``cfg.channels_last``.
+    SyncBatchNorm (``cfg.sync_bn``) is left to the distributed wrapper, which knows the
+    process group.
     """
     if num_classes < 1:
         raise ConfigError(f"data.num_classes: {num_classes} is not a positive class count")
     for key in ("aspp_channels", "decoder_channels", "low_level_channels"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key}: must be >= 1 (got {getattr(cfg, key)})")
+    if cfg.pretrained == PRETRAINED_REQUIRED:
+        # The Trainer refuses this before reading any data (presets.check_backbone_start);
+        # this guards other callers.
+        raise ConfigError("model.pretrained: this preset needs an ImageNet backbone file "
+                          "(--set model.pretrained=PATH), or 'none' to train from scratch")
 
     backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.bn_momentum)
     head = DeepLabV3PlusHead(
@@ -48,7 +56,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
     model = DeepLabV3Plus(backbone, head)
 
     model.pretrained_report = None
-    if cfg.pretrained and str(cfg.pretrained).strip().lower() != "none":
+    if cfg.pretrained != PRETRAINED_NONE:
         model.pretrained_report = load_backbone(model.backbone, cfg.pretrained)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

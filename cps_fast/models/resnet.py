@@ -1,4 +1,19 @@
-"""ResNet "v1c" backbones for DeepLabv3+, as in the official CPS / TorchSemSeg code.
+"""ResNet backbones for DeepLabv3+: "v1c" as in the official CPS / TorchSemSeg code (the
+paper's), and two variants that load the ImageNet files people can actually get.
+
+Variants (``model.backbone``; ``BACKBONES`` below):
+
+* ``resnet50`` / ``resnet101``: v1c, deep stem 64-64-128 (TorchSemSeg's ``deep_stem=True,
+  stem_width=64``): what the CPS release's ``resnet50_v1c.pth`` holds, and the paper's.
+* ``resnet50_tv`` / ``resnet101_tv``: torchvision's ImageNet ResNet (v1.5): one 7x7/2 conv
+  of 64 + BN + ReLU + max-pool, the same bottlenecks (stride on the 3x3) and the same key
+  names (``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight`` ... ``fc.*`` ignored).
+* ``resnet50_mmseg`` / ``resnet101_mmseg``: mmseg / mmcv's ``ResNetV1c`` (the Bag-of-Tricks
+  ResNet-C), deep stem 32-32-64 (``open-mmlab://resnet50_v1c``; its ``stem.*`` keys are
+  renamed on loading, see ``pretrained.py``).
+
+All of them feed the same DeepLabv3+ head: the stem differs, the four stages, their output
+widths (256 / 2048), strides and the dilation plan below are the same.
 
 v1c means: a deep stem of three 3x3 convolutions (3->w stride 2, w->w, w->2w, each followed
 by BN+ReLU; the third one's BN is ``bn1``), a 3x3 max-pool of stride 2, and bottleneck blocks
@@ -177,30 +192,40 @@ class ResNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- factories
-# Name -> constructor arguments. "tiny" keeps every structural rule of the real ones (deep
-# stem, bottlenecks, strides, dilation plan) at ~1/8 of the width and 1-2 blocks per stage,
-# so that it exercises the same code paths and trains on a laptop CPU at 96x96 crops.
+# Name -> constructor arguments (the names are config.BACKBONE_NAMES). "tiny" keeps every
+# structural rule of the real ones (deep stem, bottlenecks, strides, dilation plan) at ~1/8
+# of the width and 1-2 blocks per stage, so that it exercises the same code paths and
+# trains on a laptop CPU at 96x96 crops.
+_R50, _R101, _PLANES = (3, 4, 6, 3), (3, 4, 23, 3), (64, 128, 256, 512)
 BACKBONES = {
-    "resnet50": dict(layers=(3, 4, 6, 3), stem_width=64, planes=(64, 128, 256, 512)),
-    "resnet101": dict(layers=(3, 4, 23, 3), stem_width=64, planes=(64, 128, 256, 512)),
-    "tiny": dict(layers=(1, 1, 2, 2), stem_width=16, planes=(8, 16, 32, 64)),
+    "resnet50": dict(layers=_R50, stem_width=64, planes=_PLANES, deep_stem=True),
+    "resnet101": dict(layers=_R101, stem_width=64, planes=_PLANES, deep_stem=True),
+    "resnet50_tv": dict(layers=_R50, planes=_PLANES, deep_stem=False),
+    "resnet101_tv": dict(layers=_R101, planes=_PLANES, deep_stem=False),
+    "resnet50_mmseg": dict(layers=_R50, stem_width=32, planes=_PLANES, deep_stem=True),
+    "resnet101_mmseg": dict(layers=_R101, stem_width=32, planes=_PLANES, deep_stem=True),
+    "tiny": dict(layers=(1, 1, 2, 2), stem_width=16, planes=(8, 16, 32, 64), deep_stem=True),
 }
 
 
 def build_backbone(name: str, output_stride: int = 16, bn_momentum: float = 0.1,
-                   deep_stem: bool = True) -> ResNet:
-    """A backbone by name: ``resnet50``, ``resnet101`` or ``tiny``."""
+                   deep_stem: Optional[bool] = None) -> ResNet:
+    """A backbone by name (``BACKBONES``); ``deep_stem`` overrides the variant's stem."""
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone: unknown backbone {name!r} ({', '.join(BACKBONES)})")
-    return ResNet(**BACKBONES[name], output_stride=output_stride, deep_stem=deep_stem,
-                  bn_momentum=bn_momentum)
+    spec = dict(BACKBONES[name])
+    if deep_stem is not None:
+        spec["deep_stem"] = deep_stem
+    return ResNet(**spec, output_stride=output_stride, bn_momentum=bn_momentum)
 
 
-def resnet50(output_stride: int = 16, bn_momentum: float = 0.1, deep_stem: bool = True) -> ResNet:
+def resnet50(output_stride: int = 16, bn_momentum: float = 0.1,
+             deep_stem: Optional[bool] = None) -> ResNet:
     return build_backbone("resnet50", output_stride, bn_momentum, deep_stem)
 
 
-def resnet101(output_stride: int = 16, bn_momentum: float = 0.1, deep_stem: bool = True) -> ResNet:
+def resnet101(output_stride: int = 16, bn_momentum: float = 0.1,
+              deep_stem: Optional[bool] = None) -> ResNet:
     return build_backbone("resnet101", output_stride, bn_momentum, deep_stem)
 
 

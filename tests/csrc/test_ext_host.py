@@ -10,8 +10,8 @@ from cps_fast import ops
 from cps_fast.kernels.confusion_matrix import confusion_matrix_reference
 from cps_fast.kernels.cps_loss import cps_loss_reference
 from cps_fast.kernels.cross_entropy import cross_entropy_reference
-from cps_fast.kernels.ohem_cross_entropy import ohem_cross_entropy_reference
 from ext_helpers import load_ext
+from ohem_oracle import check_backend, mixed_labels, ohem_oracle
 
 pytestmark = pytest.mark.ext
 
@@ -134,33 +134,63 @@ def test_deterministic_across_thread_counts():
 
 
 # ----------------------------------------------------------------------------- OHEM
+# Per image, against the fp64 per-image oracle (tests/ohem_oracle.py) in three steps: the
+# thresholds are exactly the rule on the path's own fp32 p (read back from its keys), its kept
+# set differs from the fp64 one only next to a threshold, and loss and gradient match the
+# oracle on its kept set.
+def _ohem(x, t, thresh, min_kept, grad_out=1.0):
+    """(loss, grad of grad_out * loss, key, threshold) through the registered op."""
+    from cps_fast import ext as e
+    xr = x.detach().clone().requires_grad_()
+    loss, weight, _, key, thr = e._ohem_op(xr, t, float(thresh), int(min_kept), 255, True)
+    (loss * grad_out).backward()
+    assert weight.shape == thr.shape == (x.shape[0],) and key.shape == t.shape
+    # the public op returns the same loss, in the logits dtype
+    pub = ops.ohem_cross_entropy(x, t, thresh=thresh, min_kept=min_kept, backend="cpp")
+    assert pub.dtype == x.dtype and float(pub) == float(loss.detach().to(x.dtype))
+    return loss, xr.grad, key, thr
+
+
+def _check_ohem(x, t, thresh, min_kept, what, grad_out=1.0):
+    loss, g, key, thr = _ohem(x, t, thresh, min_kept, grad_out)
+    return check_backend(x.double(), t, thresh, min_kept, loss, g, key, thr, x.dtype, what,
+                         grad_out=grad_out), g, thr
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("min_kept,thresh", [(40, 0.7), (40, 0.01), (10**6, 0.7), (0, 0.7),
-                                             (1, 0.3), (300, 0.9)])
-def test_ohem_matches_reference(dtype, min_kept, thresh):
-    shape = (2, 19, 9, 17)  # 306 pixels, ~245 valid
-    x = _logits(shape, dtype, seed=min_kept + 1, scale=2.0)
-    t = _target(shape, 19, seed=7)
-    loss, g = _fwd_bwd(ops.ohem_cross_entropy, x, t, thresh=thresh, min_kept=min_kept,
-                       backend="cpp")
-    ref, g_ref = _fwd_bwd(ohem_cross_entropy_reference, x.double(), t, thresh, min_kept)
-    _close(loss, ref, TOL[dtype], "loss")
-    _close(g, g_ref, TOL[dtype], "grad")
+                                             (1, 0.3), (100, 0.9), (153, 0.5), (154, 0.5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ohem_matches_the_per_image_oracle(dtype, min_kept, thresh, channels_last):
+    # 9x17 = 153 px per image: ~122 valid, ~15 valid (fewer than min_kept 40: all kept), none
+    # (an all-ignored image, out of the mean), ~122 again; 153 = H*W, 154 > H*W
+    shape = (4, 19, 9, 17)
+    x = _logits(shape, dtype, seed=min_kept % 1000 + 1, scale=2.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = mixed_labels(torch.Generator().manual_seed(7), 4, 19, 9, 17)
+    o, _, _ = _check_ohem(x, t, thresh, min_kept, f"k={min_kept} thresh={thresh}", 1.5)
+    assert not o.kept[2].any()
 
 
-def test_ohem_k_larger_than_valid_keeps_all_valid():
-    shape = (2, 5, 6, 6)
-    x = _logits(shape, torch.float32, seed=11)
-    t = _target(shape, 5, seed=11, ignore_frac=0.5)
-    nv = int((t != 255).sum())
-    for k in (nv, nv + 1, x.numel()):
-        loss = ops.ohem_cross_entropy(x, t, min_kept=k, backend="cpp")
-        _close(loss, cross_entropy_reference(x.double(), t), 1e-5, f"min_kept={k}")
+@pytest.mark.parametrize("min_kept", [1, 29, 30, 31, 90, 91, 92])
+def test_ohem_min_kept_edges(min_kept):
+    """Image 0: all 91 pixels valid; image 1: exactly 30. num_valid +- 1, H*W, > H*W."""
+    g = torch.Generator().manual_seed(min_kept)
+    x = _logits((2, 19, 7, 13), torch.float32, seed=min_kept)
+    t = torch.randint(0, 19, (2, 7, 13), generator=g)
+    t[1].view(-1)[torch.randperm(91, generator=g)[30:]] = 255
+    o, _, thr = _check_ohem(x, t, 0.0, min_kept, f"k={min_kept}")
+    for i, nv in enumerate((91, 30)):
+        if min_kept >= nv:
+            assert int(o.kept[i].sum()) == nv and thr[i] == float("inf")
+        else:
+            assert int(o.kept[i].sum()) == min_kept     # fp64 p of random logits: no ties
 
 
 def test_ohem_ties_at_the_threshold():
     # 4 groups of identical pixels: every p in a group is bit-identical, so the k-th smallest
-    # falls inside a run of ties; all tied pixels must be kept (p <= threshold).
+    # of an image falls inside a run of ties; all tied pixels must be kept (p <= threshold).
     n, c, h, w = 2, 6, 8, 8
     g = torch.Generator().manual_seed(0)
     protos = torch.randn(4, c, generator=g, dtype=torch.float64) * 2
@@ -168,20 +198,86 @@ def test_ohem_ties_at_the_threshold():
     x = protos[group].permute(0, 3, 1, 2).contiguous().float()
     t = torch.zeros(n, h, w, dtype=torch.long)
     t[0, 0, :4] = 255
-    for k in (1, 17, 50, 64, 100):
+    for k in (1, 17, 50, 60, 64, 100):
         for thresh in (0.0, 0.7):
-            loss, gr = _fwd_bwd(ops.ohem_cross_entropy, x, t, thresh=thresh, min_kept=k,
-                                backend="cpp")
-            ref, g_ref = _fwd_bwd(ohem_cross_entropy_reference, x.double(), t, thresh, k)
-            _close(loss, ref, 1e-5, f"k={k} thresh={thresh}")
-            _close(gr, g_ref, 1e-5, f"grad k={k} thresh={thresh}")
+            o, _, _ = _check_ohem(x, t, thresh, k, f"k={k} thresh={thresh}")
+            for i in range(n):   # a group is kept or dropped as a whole
+                gi = group[i].reshape(-1)
+                for j in range(4):
+                    sel = o.kept[i][(gi == j) & o.valid[i]]
+                    assert sel.all() or not sel.any(), (k, thresh, i, j)
+
+
+def test_ohem_ties_equal_to_thresh():
+    """Pixels whose p equals thresh exactly (two classes, equal logits: p = 1/2 in fp32 and
+    fp64 alike) are kept, by the oracle and by the host path, beside random ones."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64) * 2
+    x[:, :, :2] = 0.0                                  # 12 pixels per image with p = 0.5
+    x = x.float()
+    t = torch.randint(0, 2, (2, 6, 6), generator=g)
+    for k in (1, 5, 12):
+        o, _, thr = _check_ohem(x, t, 0.5, k, f"k={k}")
+        assert o.kept[:, :12].all() and (thr >= 0.5).all()
+
+
+def test_ohem_k_larger_than_valid_keeps_all_valid():
+    shape = (2, 5, 6, 6)
+    x = _logits(shape, torch.float32, seed=11)
+    t = _target(shape, 5, seed=11, ignore_frac=0.5)
+    nv = int((t != 255).reshape(2, -1).sum(1).max())
+    for k in (nv, nv + 1, 36, 37, x.numel()):
+        loss = ops.ohem_cross_entropy(x, t, min_kept=k, backend="cpp")
+        o = ohem_oracle(x.double(), t, 0.7, 0)                # mining off: all valid kept
+        assert abs(loss.item() - o.loss) <= 1e-5 * max(1.0, o.loss), k
 
 
 def test_ohem_all_ignored():
-    x = _logits((1, 3, 4, 4), torch.float32, seed=0)
-    t = torch.full((1, 4, 4), 255)
-    loss, g = _fwd_bwd(ops.ohem_cross_entropy, x, t, min_kept=3, backend="cpp")
-    assert loss.item() == 0.0 and torch.equal(g, torch.zeros_like(g))
+    x = _logits((2, 3, 4, 4), torch.float32, seed=0)
+    t = torch.full((2, 4, 4), 255)
+    for k in (0, 3, 100):
+        loss, g, _, thr = _ohem(x, t, 0.7, k)
+        assert loss.item() == 0.0 and torch.equal(g, torch.zeros_like(g))
+        assert (thr == float("inf")).all()
+
+
+def test_ohem_all_ignored_image_changes_nothing():
+    x = _logits((3, 19, 9, 11), torch.float32, seed=21)
+    t = _target(x.shape, 19, seed=21)
+    t[1] = 255
+    keep = torch.tensor([0, 2])
+    for thresh, k in ((0.7, 40), (0.0, 0)):
+        l3, g3, _, _ = _ohem(x, t, thresh, k)
+        l2, g2, _, _ = _ohem(x[keep], t[keep], thresh, k)
+        assert abs(l3.item() - l2.item()) <= 1e-6 * max(1.0, l2.item())
+        assert torch.allclose(g3[keep], g2, rtol=1e-5, atol=1e-9) and (g3[1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ohem_extreme_logits(dtype):
+    shape = (3, 19, 5, 7)
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randint(-1, 2, shape, generator=g)).double() * 1e4
+    x[1] += torch.randn(shape[1:], generator=g, dtype=torch.float64) * 30
+    x = x.to(dtype)
+    t = mixed_labels(g, 3, 19, 5, 7, ignore_fracs=(0.2, 0.0, 0.5))
+    for thresh, k in ((0.7, 20), (0.0, 1), (1.0, 30), (0.7, 0)):
+        _, grad, _ = _check_ohem(x, t, thresh, k, f"{dtype} thresh={thresh} k={k}")
+        assert torch.isfinite(grad.float()).all()
+
+
+def test_ohem_deterministic_across_thread_counts():
+    x = _logits((4, 19, 40, 50), torch.float32, seed=4)
+    t = mixed_labels(torch.Generator().manual_seed(4), 4, 19, 40, 50)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = _ohem(x, t, 0.7, 500)
+        torch.set_num_threads(max(2, n))
+        b = _ohem(x, t, 0.7, 500)
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 # ----------------------------------------------------------------------------- CPS loss
@@ -240,6 +336,7 @@ def test_opcheck_custom_ops(ext):
     t = _target(x.shape, 5, seed=0)
     torch.library.opcheck(ext._ce_op, (x, t, 255, True))
     torch.library.opcheck(ext._ohem_op, (x, t, 0.7, 5, 255, True))
+    torch.library.opcheck(ext._ohem_op, (x.detach(), t, 0.7, 0, 255, False))
     b = _logits((2, 5, 3, 4), torch.float32, seed=1).requires_grad_()
     torch.library.opcheck(ext._cps_op, (x, b, None, None, 0, True, True))
     torch.library.opcheck(ext._cm_op, (x.detach(), t, 5, 255))

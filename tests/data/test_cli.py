@@ -87,6 +87,24 @@ def test_errors_are_one_line_exit_2(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_data_commands_take_a_run_file(tmp_path, capsys):
+    """--config where a preset is taken: the file over the preset, the options over both."""
+    make_voc(tmp_path / "d", n_train=16)
+    run = tmp_path / "run.json"
+    run.write_text('{"preset": "voc_r50_1-8", "data": {"root": "%s", "split_seed": 4}, '
+                   '"derived": {"num_labeled": 2}}' % (tmp_path / "d"))
+    assert main(["check", "--config", str(run), "--fast"]) == 0
+    assert "voc at " in capsys.readouterr().out
+    assert main(["splits", "--config", str(run), "--split", "1/4", "--out", str(tmp_path / "o")]) == 0
+    lab = read_list(str(tmp_path / "o" / "train_aug_labeled_1-4.txt"))
+    seeded = build_splits(DataConfig(dataset="voc", num_classes=21, root=str(tmp_path / "d"),
+                                     split="1/4", split_seed=4))
+    assert [e.id for e in lab] == [s.id for s in seeded.labeled]
+    run.write_text('{"data": {"rooot": "x"}}')
+    assert main(["check", "--config", str(run)]) == 2
+    assert f"error: {run}: data.rooot: unknown key" in capsys.readouterr().err
+
+
 def test_preview_writes_pngs(tmp_path, capsys):
     make_voc(tmp_path / "d", n_train=8)
     out = tmp_path / "p"

@@ -186,6 +186,23 @@ def test_drawn_scales_cover_exactly_the_set(pngset):
     assert seen == set(cfg.scales)
 
 
+def test_official_scale_set_by_name_reaches_the_pipeline(pngset):
+    """--set data.scales=official goes through DataConfig to the DALI stream's draws: every
+    drawn scale is from the official code's set, and the whole set is drawn."""
+    from cps_fast.config import OFFICIAL_SCALES, Config
+    cfg = Config().apply_overrides(["data.dataset=voc", "data.num_classes=21",
+                                    "data.scales=official", "data.crop_size=24",
+                                    "data.batch_size=8", "data.num_workers=1"]).data
+    s = stream(pngset, cfg, seed=1)
+    seen = set()
+    for _ in range(8):
+        b = next(s)
+        assert b["image"].shape == (8, 3, 24, 24)
+        seen |= {p.scale for p in s.last_params}
+    s.close()
+    assert seen == set(OFFICIAL_SCALES) == {0.5, 0.75, 1.0, 1.5, 1.75, 2.0}
+
+
 def test_crop_size_padding_and_flip(pngset):
     """Crop bigger than most scaled images: padding at the bottom / right (left when
     flipped), image 0 exactly and label 255 there; flips mirror image and label together."""

@@ -11,8 +11,8 @@ from cps_fast.data.datasets import (build_splits, find_split_files, labeled_coun
 from cps_fast.data.io import read_label
 from cps_fast.errors import ConfigError, DataError
 
-from data_fakes import (CITY_IDS, OFFICIAL_SPLITS, make_cityscapes, make_cityscapes_cps,
-                        make_voc, make_voc_cps, write_lines)
+from data_fakes import (CITY_IDS, OFFICIAL_SPLITS, OFFICIAL_SPLITS_ENV, make_cityscapes,
+                        make_cityscapes_cps, make_voc, make_voc_cps, write_lines)
 
 
 def voc_cfg(root, **kw):
@@ -131,13 +131,16 @@ def test_path_with_spaces(tmp_path):
 
 
 def test_read_list_formats(tmp_path):
+    """Each format in its own file (tests/data/test_splits.py tests them in depth)."""
     p = tmp_path / "l.txt"
-    p.write_bytes(b"\xef\xbb\xbfa_1 \r\n\r\n# comment\r\n/images/train/b_2.png\t/seg/b_2_gtFine.png\r\n"
-                  b"JPEGImages/c.jpg SegmentationClassAug/c.png\n  d  \n")
+    p.write_bytes(b"\xef\xbb\xbfa_1 \r\n\r\n# comment\r\n  d  \n")
+    assert [x.id for x in read_list(str(p))] == ["a_1", "d"]
+    p.write_bytes(b"/images/train/b_2.png\t/seg/b_2_gtFine.png\r\n")
     e = read_list(str(p))
-    assert [x.id for x in e] == ["a_1", "b_2", "c", "d"]
-    assert e[1].image == "/images/train/b_2.png" and e[1].label == "/seg/b_2_gtFine.png"
-    assert e[2].label == "SegmentationClassAug/c.png" and e[0].image is None
+    assert e[0].image == "/images/train/b_2.png" and e[0].label == "/seg/b_2_gtFine.png"
+    p.write_bytes(b"JPEGImages/c.jpg SegmentationClassAug/c.png\n")
+    e = read_list(str(p))
+    assert e[0].id == "c" and e[0].label == "SegmentationClassAug/c.png"
 
 
 def test_empty_split_file(tmp_path):
@@ -251,8 +254,9 @@ def test_write_list_roundtrip(tmp_path):
 
 # ------------------------------------------------------------------ official split files
 
-needs_official = pytest.mark.skipif(not os.path.isdir(OFFICIAL_SPLITS),
-                                    reason="official CPS split lists not available")
+needs_official = pytest.mark.skipif(
+    not os.path.isdir(OFFICIAL_SPLITS),
+    reason=f"${OFFICIAL_SPLITS_ENV} does not name the folder of the published CPS split lists")
 
 
 @needs_official

@@ -192,3 +192,19 @@ def test_iterate_val_error_names_file(tmp_path):
     sp = build_splits(cfg)
     with pytest.raises(DataError, match=val[1] + ".jpg"):
         list(iterate_val(sp.val, sp.info, cfg))
+
+
+def test_dali_streams_do_not_import_the_loader():
+    """The order both stream kinds share lives in stream_order.py: dali.py imports it from
+    there and never imports loader.py, which imports dali.py (lazily) to dispatch to it."""
+    import ast
+    import cps_fast.data.dali_host as host
+
+    path = os.path.join(os.path.dirname(host.__file__), "dali.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "stream_order" in imported and "loader" not in imported
+    from cps_fast.data import loader, stream_order
+    assert loader.epoch_permutation is stream_order.epoch_permutation
+    assert loader.StreamPosition is stream_order.StreamPosition

@@ -103,6 +103,25 @@ def test_scale_draws_cover_exactly_the_scale_set():
     assert {draw_params(rng, 10, 10, (0.75, 1.0, 1.25), 16).scale for _ in range(300)} == {0.75, 1.0, 1.25}
 
 
+def test_official_scale_set_by_name_reaches_the_augmentation():
+    """--set data.scales=official: the torch path draws exactly the official code's set, and
+    resizes to the drawn scale."""
+    from cps_fast.config import OFFICIAL_SCALES, Config
+    c = Config().apply_overrides(["data.scales=official", "data.crop_size=48"]).data
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 60, 3), np.uint8)
+    label = np.zeros((40, 60), np.uint8)
+    seen = set()
+    for _ in range(200):
+        img, lab, p = train_transform_with_params(image, label, rng, c)
+        seen.add(p.scale)
+        assert p.size == scaled_size(40, 60, p.scale)
+        # the image covers min(size, crop) of the window; the rest is label padding (255)
+        valid = int((lab.numpy() != 255).sum())
+        assert valid == min(p.size[0] - p.crop_y, 48) * min(p.size[1] - p.crop_x, 48)
+    assert seen == set(OFFICIAL_SCALES) == {0.5, 0.75, 1.0, 1.5, 1.75, 2.0}
+
+
 def test_pad_values_and_crop_size_small_image():
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)

@@ -53,33 +53,81 @@ def test_trainer_fast_path_on_cpu_runs_eagerly(make_config, tmp_path, capsys):
     trainer.run()
 
 
+def _copy_state(dst, src):
+    """Make TrainStep ``dst`` hold exactly ``src``'s state (weights, BatchNorm statistics,
+    momentum, schedule), in place: a step from both must then be the same step."""
+    with torch.no_grad():
+        for nd, ns in zip(dst.nets, src.nets):
+            for a, b in zip(nd.state_dict().values(), ns.state_dict().values()):
+                a.copy_(b)
+        sd, ss = dst.optim.optimizer, src.optim.optimizer
+        for gd, gs in zip(sd.param_groups, ss.param_groups):
+            for pd, ps in zip(gd["params"], gs["params"]):
+                bd, bs = sd.state[pd].get("momentum_buffer"), ss.state[ps].get("momentum_buffer")
+                if bs is not None:
+                    bd.copy_(bs)
+        dst.optim.step_t.copy_(src.optim.step_t)
+        dst.optim.lr_t.copy_(src.optim.lr_t)
+
+
+def _flat_weights(nets):
+    return torch.cat([p.detach().double().reshape(-1) for n in nets for p in n.parameters()])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,amp,kernels", [("cps", "none", "torch"), ("cps", "bf16", "auto"),
                                                 ("cps-cutmix", "bf16", "auto"),
                                                 ("supervised", "none", "auto")])
 def test_graph_replay_equals_eager_over_20_steps(method, amp, kernels):
+    """Replayed steps against eager steps from the same state.
+
+    Two independent 20-step runs drift apart by rounding (atomics in cuDNN / upsampling
+    backward kernels sum in any order), and the argmax pseudo-labels of CPS turn that drift
+    into different loss terms at near-tied pixels, differently on every GPU: trajectories
+    are compared only loosely. The tight check is step by step: before replays 5, 12 and 20
+    an eager step is given the graph's exact state and RNG state, and both take the same
+    step on the same batch (the same pseudo-labels up to a few near ties): a stale input,
+    a frozen learning rate or step counter, or a replayed CutMix mask fails it."""
     dev = torch.device("cuda")
     batches = _batches(20, dev)
-    nets_e, eager = _step(dev, method, amp, kernels)
+    _, eager = _step(dev, method, amp, kernels)
     nets_g, step_g = _step(dev, method, amp, kernels)
+    _, probe = _step(dev, method, amp, kernels)
     graph = GraphStep(step_g, warmup=3)
     torch.manual_seed(0)
     le = [float(eager(b)["loss"]) for b in batches]
     torch.manual_seed(0)
-    lg = [float(graph(b)["loss"]) for b in batches]
+    lg, checked = [], 0
+    loss_tol, step_tol = (1e-3, 1e-2) if amp == "none" else (1e-2, 5e-2)
+    for i, b in enumerate(batches):
+        if i + 1 in (5, 12, 20):
+            _copy_state(probe, step_g)
+            rng = torch.cuda.get_rng_state()
+            before = _flat_weights(nets_g)
+            want = float(probe(b)["loss"])
+            torch.cuda.set_rng_state(rng)
+            lg.append(float(graph(b)["loss"]))
+            moved = (_flat_weights(probe.nets) - before).norm()
+            diff = (_flat_weights(probe.nets) - _flat_weights(nets_g)).norm()
+            assert lg[-1] == pytest.approx(want, rel=loss_tol), (i, lg[-1], want)
+            assert moved > 0 and diff < step_tol * moved, (i, float(diff), float(moved))
+            checked += 1
+        else:
+            lg.append(float(graph(b)["loss"]))
+    assert checked == 3
     assert graph.captured and graph.fallback_reason is None  # capture fails on any sync
-    tol = 1e-4 if amp == "none" else 2e-2
-    assert lg == pytest.approx(le, rel=tol, abs=tol)
-    for pe, pg in zip([p for n in nets_e for p in n.parameters()],
-                      [p for n in nets_g for p in n.parameters()]):
-        assert torch.allclose(pe, pg, rtol=10 * tol, atol=10 * tol)
     assert int(step_g.optim.step_t) == 20
+    # The whole trajectories: equal up to drift (tight where no argmax amplifies it).
+    tol = 1e-4 if (method, amp) == ("supervised", "none") else 5e-2
+    assert lg == pytest.approx(le, rel=tol, abs=tol)
 
 
 @pytest.mark.gpu
 def test_graph_replay_after_resume_matches_uninterrupted(make_config, tmp_path):
-    cfg = make_config("cps", **{"train.path": "fast", "train.device": "cuda",
-                                "train.iters": 10, "train.kernels": "torch"})
+    # Supervised: resuming is method-independent, and without argmax pseudo-labels two
+    # runs differ by rounding alone (with them, near ties flip differently run to run).
+    cfg = make_config("supervised", **{"train.path": "fast", "train.device": "cuda",
+                                       "train.iters": 10, "train.kernels": "torch"})
     straight = Trainer(cfg, tmp_path / "a", quiet=True)
     straight.run()
     part = Trainer(cfg, tmp_path / "b", quiet=True)

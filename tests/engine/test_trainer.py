@@ -137,8 +137,9 @@ def _cli(*args, env_extra=None):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--preset", "voc_r50_1-8"], "data.root: not set"),
-    (["--preset", "voc_r50_1-8", "--data-root", "/nonexistent/voc"], "/nonexistent/voc"),
+    (["--preset", "voc_r50_1-8", "--set", "model.pretrained=none"], "data.root: not set"),
+    (["--preset", "voc_r50_1-8", "--set", "model.pretrained=none", "--data-root",
+      "/nonexistent/voc"], "/nonexistent/voc"),
     (["--preset", "nope"], "unknown preset"),
     (["--set", "optim.lrr=1"], "unknown key 'lrr'"),
     (["--set", "data.num_classes=7"], "data.num_classes"),
@@ -159,8 +160,26 @@ def test_resume_auto_starts_then_continues(make_config, tmp_path):
     assert again.step == 3
 
 
+def _weights(trainer):
+    """The trainable parameters only (BatchNorm's running statistics move by momentum
+    whatever the gradient is, and would drown a wrong gradient in the distance)."""
+    return [p.detach().clone() for n in trainer.nets for p in n.parameters()]
+
+
+def _distance(xs, ys):
+    return float(torch.sqrt(sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(xs, ys))))
+
+
 def test_triton_path_matches_reference_path(make_config, tmp_path):
-    """The trainer with the Triton kernels (interpreter on the CPU) against the references."""
+    """The trainer with the Triton kernels (interpreter on the CPU) against the references.
+
+    Step 1 starts both paths from the same weights on the same batch: the networks' logits
+    are bitwise identical, so are the argmax pseudo-labels, and only the loss kernels'
+    summation order differs -- compared tightly (a gradient 1% off fails). From step 2 on the
+    weights differ by that rounding, and a pseudo-label at a near tie can flip on one CPU
+    and not on another (the argmax amplifies rounding into a different loss term): the
+    later steps are compared only loosely. (Compared as it was before -- every logged loss
+    at rel 1e-4 over 3 steps -- it failed on AMD EPYC by 1.8e-4.)"""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1")
@@ -168,17 +187,33 @@ def test_triton_path_matches_reference_path(make_config, tmp_path):
     runs = {}
     for kernels in ("torch", "triton"):
         cfg = make_config("cps", **{"train.kernels": kernels, "train.iters": 3,
-                                    "optim.lr": 0.001, "eval.network": "a"})
-        trainer = Trainer(cfg, tmp_path / kernels, quiet=True)
-        start = _params(trainer)
-        trainer.run()
-        runs[kernels] = (start, _params(trainer), read_metrics(tmp_path / kernels))
-    start, ref, _ = runs["torch"]
-    got = runs["triton"][1]
-    moved = torch.sqrt(sum(((r - s) ** 2).sum() for r, s in zip(ref, start)))
-    diff = torch.sqrt(sum(((g - r) ** 2).sum() for g, r in zip(got, ref)))
-    # Equal up to summation order (amplified a little by the argmax pseudo-labels).
-    assert float(moved) > 0 and float(diff) < 1e-2 * float(moved), (float(diff), float(moved))
-    la = [r["loss"] for r in runs["torch"][2] if r["kind"] == "train"]
-    lb = [r["loss"] for r in runs["triton"][2] if r["kind"] == "train"]
-    assert lb == pytest.approx(la, rel=1e-4)
+                                    "train.log_every": 1, "optim.lr": 0.001,
+                                    "eval.network": "a"})
+        first = Trainer(cfg, tmp_path / kernels, quiet=True)
+        start, start_state = _weights(first), _params(first)
+        first.run(stop_at=1)
+        after_one = _weights(first)
+        rest = Trainer(cfg, tmp_path / kernels, resume="latest", quiet=True)
+        rest.run()
+        train = [r for r in read_metrics(tmp_path / kernels) if r["kind"] == "train"]
+        runs[kernels] = dict(start=start, one=after_one, start_state=start_state,
+                             three=_params(rest), train=train)
+    ref, got = runs["torch"], runs["triton"]
+    assert [r["step"] for r in got["train"]] == [1, 2, 3]
+    # Step 1: identical pseudo-labels, so identical agreement counts and equal losses.
+    r1, g1 = ref["train"][0], got["train"][0]
+    overlaps = [k for k in r1 if k.startswith("overlap")]
+    assert overlaps and all(g1[k] == r1[k] or (g1[k] != g1[k] and r1[k] != r1[k])
+                            for k in overlaps), (g1, r1)
+    for key in ("loss", "sup_a", "sup_b", "cps"):
+        assert g1[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6), key
+    # The weights after step 1: 2e-6 of the distance moved here (AMD EPYC); a CE gradient
+    # scaled by 1.01 gives 5e-3.
+    moved = _distance(ref["one"], ref["start"])
+    diff = _distance(got["one"], ref["one"])
+    assert moved > 0 and diff < 1e-4 * moved, (diff, moved)
+    # Steps 2-3: equal up to rounding amplified by the argmax pseudo-labels (loose, on the
+    # whole state: 2e-4 of the distance moved here, AMD EPYC).
+    moved = _distance(ref["three"], ref["start_state"])
+    diff = _distance(got["three"], ref["three"])
+    assert diff < 1e-2 * moved, (diff, moved)

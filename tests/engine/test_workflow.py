@@ -80,8 +80,33 @@ def test_evaluate_cli(trained, synth_root):
             "--network", "ensemble", "--mode", "sliding", "--crop", "48", "--flip",
             "--max-images", "2")
     assert r.returncode == 0, r.stderr
-    assert "network ensemble" in r.stdout and "**mIoU**" in r.stdout
+    assert "ensemble (a+b) = mean of the softmax" in r.stdout and "**mIoU**" in r.stdout
     assert r.stdout.count("| background |") == 1
+    assert "protocol: sliding 48/32, flip, scale 1, 2 images" in r.stdout
+
+
+def test_evaluate_cli_names_the_network_of_every_figure(trained, tmp_path):
+    """Issue 14 section 4: network a is the headline; b and the ensemble are printed beside
+    it, each with its network, and the JSON holds the protocol."""
+    import json
+    out = tmp_path / "eval.json"
+    r = _py("cps_fast.evaluate", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
+            "--max-images", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "network a (the headline mIoU):" in r.stdout
+    assert "\nnetwork b:" in r.stdout and "\nensemble (a+b) = mean of the softmax" in r.stdout
+    assert r.stdout.count("| background |") == 3
+    summary = r.stdout.strip().splitlines()[-1]
+    assert summary.startswith("mIoU ") and "(network a, headline)" in summary
+    assert summary.endswith("[whole image, no flip, scale 1, 2 images]")
+    res = json.loads(out.read_text())
+    assert res["headline"] == "a" and res["miou"] == res["miou_a"] == res["a"]["miou"]
+    assert res["protocol"]["mode"] == "whole" and res["protocol"]["images"] == 2
+    assert {"miou_b", "miou_ensemble"} <= set(res)
+    r = _py("cps_fast.evaluate", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
+            "--max-images", "1", "--network", "b")
+    assert r.returncode == 0, r.stderr
+    assert "network b (the headline mIoU):" in r.stdout and "network a" not in r.stdout
 
 
 def test_predict_cli_writes_palette_masks(trained, synth_root, tmp_path):

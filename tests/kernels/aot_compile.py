@@ -27,9 +27,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from cps_fast.kernels import cps_loss, cross_entropy, ohem_cross_entropy  # noqa: E402
+from cps_fast.kernels import (confusion_matrix, cps_loss, cross_entropy,  # noqa: E402
+                              ohem_cross_entropy)
 
-MODULES = (cross_entropy, cps_loss, ohem_cross_entropy)
+MODULES = (cross_entropy, cps_loss, ohem_cross_entropy, confusion_matrix)
 
 
 def _ptxas(arch: int) -> str:

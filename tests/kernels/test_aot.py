@@ -1,8 +1,10 @@
 """Ahead-of-time compile of every Triton kernel for sm_90 and sm_80 (no GPU needed).
 
 Runs tests/kernels/aot_compile.py in subprocesses without TRITON_INTERPRET (one per
-architecture, concurrently), fails on a compile error or on register spills, and writes the
-registers / spills / shared memory per kernel to benchmarks/results/kernels_aot.json.
+architecture, concurrently) and fails on a compile error or on register spills. The
+registers / spills / shared memory per kernel go to ``$CPS_FAST_AOT_RECORD`` when it is set
+(``CPS_FAST_AOT_RECORD=benchmarks/results/kernels_aot.json`` refreshes the committed record);
+a plain test run writes nothing into the checkout.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("aot_compile.py")
-OUT = ROOT / "benchmarks" / "results" / "kernels_aot.json"
 ARCHS = (90, 80)
 
 
@@ -41,12 +42,15 @@ def test_aot_compile_sm90_sm80_no_spills(tmp_path):
             records += json.loads(out.read_text())["kernels"]
         if proc.returncode != 0:
             errors.append(f"sm_{arch}: exit {proc.returncode}\n{stderr[-4000:]}")
-    if records:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(dict(triton=triton.__version__, kernels=records), indent=1) + "\n")
+    record = os.environ.get("CPS_FAST_AOT_RECORD")
+    if records and record:
+        out = Path(record)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(triton=triton.__version__, kernels=records), indent=1) + "\n")
     assert not errors, "\n".join(errors)
     names = {r["kernel"] for r in records}
     assert any(n.startswith("cps_loss_fwd") for n in names)
     assert any(n.startswith("ohem_hist") for n in names)
+    assert any(n.startswith("confusion_matrix") for n in names)
     assert all("error" not in r and r["spill_stores"] == 0 and r["spill_loads"] == 0
                for r in records)
