@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .datasets import DatasetInfo, voc_palette
+from .generated import check_target
+from .info import DatasetInfo, voc_palette
 
 SYNTHETIC_VERSION = 1   # the dataset's name (synthetic-v1)
 # Bumped whenever the generator's output changes: a set from an older generator is then
@@ -237,6 +238,8 @@ def generate_synthetic(root: str, n_train: int = DEFAULT_TRAIN, n_val: int = DEF
                        seed: int = DEFAULT_SEED) -> str:
     """(Re)generate the dataset under ``root``; returns ``root``. Deterministic: image i of
     a side depends only on (seed, side, i)."""
+    # Never over another generated set (synthetic-v2, fashion) or foreign files.
+    check_target(root, "synthetic", {"JPEGImages", "SegmentationClass", "ImageSets", MARKER})
     try:
         os.makedirs(root, exist_ok=True)
         dirs = {k: os.path.join(root, k) for k in ("JPEGImages", "SegmentationClass")}
