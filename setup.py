@@ -285,6 +285,7 @@ def _drop_stale_cache(build_dir: Path, generator: str) -> None:
 setup(
     packages=["cps_fast", "cps_fast.data", "cps_fast.models", "cps_fast.engine", "cps_fast.kernels"],
     package_dir={"cps_fast": "cps_fast", "cps_fast.kernels": "kernels"},
+    package_data={"cps_fast": ["baselines.json"]},  # recorded baselines (cps_fast/baselines.py)
     ext_modules=[CMakeExtension("cps_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

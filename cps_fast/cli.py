@@ -23,7 +23,8 @@ def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "sy
                         "top of the preset; a run's config.json repeats that run; the options "
                         "below and --set apply on top of it")
     p.add_argument("--method", choices=("cps", "cps-cutmix", "supervised"), default=None,
-                   help="training method (default: the preset's, cps)")
+                   help="training method (default: the preset's: cps-cutmix for synthetic, "
+                        "cps for the others)")
     p.add_argument("--data-root", default=None, help="dataset root directory")
     p.add_argument("--split", default=None,
                    help="labeled partition: 1/16, 1/8, 1/4, 1/2 or a count such as 183 "

@@ -17,6 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Training scales: the paper's supplementary, and what the official code uses
 # (``C.train_scale_array``); ``--set data.scales=paper|official`` names either.
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# synthetic (v1) and synthetic-v2 are generated; fashion is made of Fashion-MNIST mosaics.
+DATASETS = ("synthetic", "synthetic-v2", "fashion", "voc", "cityscapes")
 OFFICIAL_SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
 SCALE_SETS = {"paper": PAPER_SCALES, "official": OFFICIAL_SCALES}
 
@@ -60,7 +62,7 @@ def _scales(value: Any, key: str, named: dict[str, tuple] | None = None) -> tupl
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"          # synthetic | voc | cityscapes
+    dataset: str = "synthetic-v2"       # one of DATASETS (synthetic = v1)
     root: Optional[str] = None          # data root; None = the synthetic cache directory
     split: str = "1/8"                  # labeled partition: "1/8" or a count such as "183"
     split_dir: Optional[str] = None     # folder of official split lists (train_aug_labeled_1-8.txt ...)
@@ -85,8 +87,8 @@ class DataConfig:
     check: str = "fast"                 # data check at start: fast | full | none
 
     def __post_init__(self):
-        _check(self.dataset in ("synthetic", "voc", "cityscapes"), "data.dataset",
-               f"unknown dataset {self.dataset!r} (synthetic, voc, cityscapes)")
+        _check(self.dataset in DATASETS, "data.dataset",
+               f"unknown dataset {self.dataset!r} ({', '.join(DATASETS)})")
         _check(self.num_classes >= 2, "data.num_classes", "needs at least 2 classes")
         _check(0 <= self.ignore_index <= 255 and self.ignore_index >= self.num_classes,
                "data.ignore_index", "must be in [num_classes, 255]")

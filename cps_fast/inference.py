@@ -9,15 +9,8 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import Config
 from .errors import CheckpointError
-from .data.datasets import cityscapes_info, voc_info
+from .data.datasets import dataset_info
 from .models import build_model
-
-
-def dataset_info(name: str):
-    if name == "synthetic":
-        from .data.synthetic import synthetic_info
-        return synthetic_info()
-    return voc_info() if name == "voc" else cityscapes_info(False)
 
 
 def load_networks(path: str | Path, device: torch.device,

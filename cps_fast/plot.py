@@ -25,6 +25,35 @@ def _series(records, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def fit_title(fig, ax, text: str, size: float = 10.0, min_size: float = 6.0):
+    """Set ``text`` as the axes title, shrunk until every line fits inside the figure.
+
+    A title is centred on the axes, so one wider than the figure is cut off at both sides
+    of the saved PNG (as the overlap plot's was, with a long run name on the same line).
+    Lines still too wide at ``min_size`` are shortened in the middle with an ellipsis."""
+    renderer = fig.canvas.get_renderer()
+    fig_box = fig.bbox
+
+    def fits(t):
+        box = t.get_window_extent(renderer)
+        return box.x0 >= fig_box.x0 and box.x1 <= fig_box.x1
+
+    t = ax.set_title(text, fontsize=size)
+    while not fits(t) and size > min_size:
+        size = max(min_size, size - 0.5)
+        t.set_fontsize(size)
+    lines = text.split("\n")
+    while not fits(t):
+        i = max(range(len(lines)), key=lambda k: len(lines[k]))
+        line = lines[i]
+        if len(line) <= 8:
+            break
+        keep = (len(line) - 2) // 2
+        lines[i] = line[:keep] + "…" + line[len(line) - keep + 1:]
+        t.set_text("\n".join(lines))
+    return t
+
+
 def write_plots(run_dir: str | Path) -> list[Path]:
     """Write the PNGs; returns their paths (none when there is nothing to plot yet)."""
     try:
@@ -51,13 +80,14 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         for lab, xs, ys in drawn:
             ax.plot(xs, ys, label=lab, marker="o" if len(xs) < 20 else None, linewidth=1.6)
-        ax.set_title(f"{title} — {name}")
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
         ax.legend()
+        fig.tight_layout()
+        fit_title(fig, ax, f"{title}\n{name}")
         fig.tight_layout()
         path = out / fname
         fig.savefig(path)

@@ -1,6 +1,7 @@
 """Whole runs as small preset functions.
 
-``synthetic`` (the default) trains in minutes on a laptop CPU. The paper's runs are
+``synthetic`` (the default, on synthetic-v2) and ``fashion`` (Fashion-MNIST mosaics) train
+in minutes on a laptop CPU; ``synthetic-v1`` is the first synthetic set's demo. The paper's runs are
 ``voc_{r50,r101}_1-{16,8,4,2}`` and ``city_{r50,r101}_1-{16,8,4,2}`` with the settings of
 DESIGN.md section 2; ``get(name, method)`` applies the method's CPS weight (CutMix uses
 1.0 on VOC and 5 on Cityscapes instead of 1.5 and 6). Their published numbers start from an
@@ -35,14 +36,40 @@ VOC_FINE_COUNTS = (92, 183, 366, 732, 1464)
 VOC_FINE_EPOCHS = 30
 
 
-def synthetic(method: str = "cps") -> Config:
-    """CPS on the built-in synthetic dataset, tiny DeepLabv3+, ~minutes on a 2-core CPU."""
+def _cpu_demo(preset: str, dataset: str, num_classes: int, method: str) -> Config:
+    """The CPU benchmarks' shared settings: tiny DeepLabv3+, 64-pixel crops, 1000 iterations
+    from scratch at lr 0.1 (0.02 learns far too slowly in 1000 iterations), the CPS weight
+    ramped up over the first quarter (the networks start with nothing to teach); lambda is
+    the paper's VOC value, 1.5 (1.0 with CutMix)."""
     return Config(
-        preset="synthetic",
+        preset=preset,
+        data=DataConfig(dataset=dataset, num_classes=num_classes, split="1/8", crop_size=64,
+                        scales=(0.75, 1.0, 1.25), batch_size=8, unlabeled_batch_size=8,
+                        num_workers=1),
+        # channels_last: ~20 % faster for the tiny net on the CPU.
+        model=ModelConfig(backbone="tiny", aspp_channels=64, decoder_channels=64,
+                          low_level_channels=16, channels_last=True),
+        loss=LossConfig(cps_weight=1.0 if method == "cps-cutmix" else 1.5, cps_rampup=250),
+        optim=OptimConfig(lr=0.1),
+        eval=EvalConfig(mode="whole", every=500),
+        train=TrainConfig(method=method, iters=1000, log_every=25, checkpoint_every=500),
+    )
+
+
+def synthetic(method: str = "cps") -> Config:
+    """CPS on the built-in synthetic-v2 set (appearance modes that a few labels miss):
+    minutes on a 2-core CPU."""
+    return _cpu_demo("synthetic", "synthetic-v2", 6, method)
+
+
+def synthetic_v1(method: str = "cps") -> Config:
+    """The first synthetic set (shape + texture under clutter; not label-limited: CPS does
+    not help there, see the README), at the settings its records were measured with."""
+    return Config(
+        preset="synthetic-v1",
         data=DataConfig(dataset="synthetic", num_classes=6, split="1/8", crop_size=96,
                         scales=(0.75, 1.0, 1.25, 1.5), batch_size=8, unlabeled_batch_size=8,
                         num_workers=1),
-        # channels_last: ~20 % faster for the tiny net on the CPU.
         model=ModelConfig(backbone="tiny", aspp_channels=64, decoder_channels=64,
                           low_level_channels=16, channels_last=True),
         loss=LossConfig(cps_weight=1.0 if method == "cps-cutmix" else 1.5),
@@ -50,6 +77,13 @@ def synthetic(method: str = "cps") -> Config:
         eval=EvalConfig(mode="whole", every=400),
         train=TrainConfig(method=method, iters=1200, log_every=25, checkpoint_every=400),
     )
+
+
+def fashion(method: str = "cps") -> Config:
+    """CPS on Fashion-MNIST mosaics (real photographs, exact masks; needs the Debian
+    package dataset-fashion-mnist or $CPS_FAST_FASHION_MNIST), at the synthetic preset's
+    settings."""
+    return _cpu_demo("fashion", "fashion", 11, method)
 
 
 def _voc(backbone: str, partition: str, method: str) -> Config:
@@ -90,7 +124,8 @@ def _city(backbone: str, partition: str, method: str) -> Config:
 
 
 def _registry() -> dict[str, Callable[[str], Config]]:
-    reg: dict[str, Callable[[str], Config]] = {"synthetic": synthetic}
+    reg: dict[str, Callable[[str], Config]] = {"synthetic": synthetic,
+                                                "synthetic-v1": synthetic_v1, "fashion": fashion}
     for bb in ("r50", "r101"):
         for part in PARTITIONS:
             reg[f"voc_{bb}_{part}"] = lambda m, bb=bb, part=part: _voc(bb, part, m)
@@ -101,6 +136,18 @@ def _registry() -> dict[str, Callable[[str], Config]]:
 
 
 PRESETS = _registry()
+
+# The method a preset trains when none is asked for. The default demo (``python -m
+# cps_fast.train``: the synthetic preset) trains CPS + CutMix, the method that beats the
+# supervised baseline on synthetic-v2 (benchmarks/results/semisup_synthetic-v2.jsonl:
+# +4.4 mIoU at 1/8 over 3 paired seeds, where plain CPS gains +0.7); the paper presets train
+# plain CPS, as the paper's headline tables do.
+DEFAULT_METHODS = {"synthetic": "cps-cutmix"}
+
+
+def default_method(name: str) -> str:
+    """The method preset ``name`` trains unless ``--method`` / a run file says otherwise."""
+    return DEFAULT_METHODS.get(name, "cps")
 
 
 def get(name: str, method: str = "cps") -> Config:

@@ -115,7 +115,8 @@ def build_config(preset: Optional[str] = None, method: Optional[str] = None,
         raise ConfigError(f"{where}: unknown preset {name!r} "
                           f"(known: {', '.join(sorted(presets.PRESETS))})")
     file_method = values.get("train.method")
-    base_method = method or (file_method if file_method in METHODS else "cps")
+    base_method = method or (file_method if file_method in METHODS else
+                             presets.default_method(name) if name is not None else "cps")
     cfg = presets.get(name, base_method) if name is not None else Config()
     if values:
         cfg = cfg.apply_values(values, config_file)

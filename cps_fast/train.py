@@ -50,7 +50,10 @@ def main(argv=None) -> int:
             f"runs/{cfg.preset}-{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         trainer = Trainer(cfg, out, resume=args.resume, dist_info=info, device=device,
                           quiet=args.quiet or not info.is_main)
-        trainer.run()
+        final = trainer.run()
+        if info.is_main and not args.quiet:
+            from .baselines import compare_line
+            print(compare_line(cfg, final))
     finally:
         distributed.shutdown()
     return 0

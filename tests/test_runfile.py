@@ -82,7 +82,9 @@ def test_command_line_wins_over_the_file_and_the_file_over_the_preset(tmp_path):
     cfg = resolve("--config", write(tmp_path / "s.yaml", "optim:\n  lr: 0.03\n"))
     assert cfg.preset == "synthetic" and cfg.optim.lr == 0.03
     # An empty file changes nothing.
-    assert resolve("--config", write(tmp_path / "e.yaml", "")) == presets.get("synthetic")
+    # (The default preset trains its default method, CPS + CutMix.)
+    assert resolve("--config", write(tmp_path / "e.yaml", "")) == \
+        presets.get("synthetic", presets.default_method("synthetic"))
 
 
 def test_the_method_builds_the_base_and_command_line_method_wins(tmp_path):
@@ -157,3 +159,16 @@ def test_train_cli_error_is_one_line_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {f}: optim.lr: 'fast' is not a valid float"
+
+
+def test_the_default_demo_trains_cps_cutmix_and_paper_presets_plain_cps(tmp_path):
+    # The default run trains the method that beats the supervised baseline on synthetic-v2
+    # (README, "Does CPS help?"); an explicit --method or a run file's method still wins.
+    assert build_config().train.method == "cps-cutmix"
+    assert build_config("synthetic").train.method == "cps-cutmix"
+    assert build_config("synthetic").loss.cps_weight == 1.0  # CutMix's lambda
+    assert build_config("synthetic", "cps").train.method == "cps"
+    assert build_config("voc_r50_1-8").train.method == "cps"
+    f = tmp_path / "run.json"
+    f.write_text('{"train.method": "supervised"}')
+    assert build_config(None, None, str(f)).train.method == "supervised"

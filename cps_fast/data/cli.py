@@ -6,7 +6,8 @@
              --format unimatch as UniMatch's <split>/{labeled,unlabeled}.txt + val.txt
     check    scan the dataset and report every problem at once (exit 1 if any)
     preview  write N augmented training samples as PNGs (image | colour label)
-    prepare  generate the synthetic dataset; for Cityscapes write *_labelTrainIds.png
+    prepare  generate the synthetic sets or the Fashion-MNIST mosaics; for Cityscapes write
+             *_labelTrainIds.png
 
 Errors (``CpsFastError``) print one line ``error: <message>`` on stderr and exit with 2.
 """
@@ -20,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import Config
+from ..config import DATASETS, Config
 from ..errors import CpsFastError, DataError
 
 
@@ -70,7 +71,7 @@ def _common(p: argparse.ArgumentParser, multi_split: bool = False) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="run file (YAML or JSON, e.g. a run's config.json) applied on top of "
                         "the preset; the options below apply on top of it")
-    p.add_argument("--dataset", choices=("synthetic", "voc", "cityscapes"))
+    p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root", help="dataset root directory")
     if multi_split:
         p.add_argument("--split", nargs="+", help="partitions: 1/16 1/8 ... or counts such as 183")
@@ -180,6 +181,20 @@ def cmd_prepare(args) -> int:
             ensure_synthetic(root, n_train, n_val, seed)
         print(f"synthetic dataset ready: {root} ({n_train} train, {n_val} val)")
         return 0
+    if d.dataset in ("synthetic-v2", "fashion"):
+        from . import fashion, synthetic_v2
+        mod = synthetic_v2 if d.dataset == "synthetic-v2" else fashion
+        root = d.root or mod.default_root()
+        n_train = args.n_train if args.n_train is not None else mod.DEFAULT_TRAIN
+        n_val = args.n_val if args.n_val is not None else mod.DEFAULT_VAL
+        seed = args.seed if args.seed is not None else mod.DEFAULT_SEED
+        extra = {"source": args.source} if d.dataset == "fashion" else {}
+        if args.force:
+            mod.generate(root, n_train=n_train, n_val=n_val, seed=seed, **extra)
+        else:
+            mod.ensure(root, n_train, n_val, seed, **extra)
+        print(f"{d.dataset} dataset ready: {root} ({n_train} train, {n_val} val)")
+        return 0
     if d.dataset == "cityscapes":
         if not args.trainids:
             print("cityscapes: nothing to do (pass --trainids to write *_labelTrainIds.png)")
@@ -252,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--n-train", type=int)
     p.add_argument("--n-val", type=int)
-    p.add_argument("--seed", type=int, help="synthetic generation seed")
+    p.add_argument("--seed", type=int, help="generation seed (synthetic, synthetic-v2, fashion)")
+    p.add_argument("--source", help="fashion: folder of the Fashion-MNIST idx files (default "
+                                    "$CPS_FAST_FASHION_MNIST, else /usr/share/datasets/fashion-mnist)")
     p.add_argument("--force", action="store_true", help="regenerate / overwrite")
     p.add_argument("--trainids", action="store_true",
                    help="cityscapes: write *_gtFine_labelTrainIds.png from labelIds")

@@ -29,6 +29,8 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .cityscapes_labels import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_NUM_CLASSES,
                                 CITYSCAPES_PALETTE, labelid_to_trainid_lut)
+from . import fashion, synthetic, synthetic_v2
+from .info import DatasetInfo, voc_palette  # noqa: F401  (re-exported)
 # Split lists and partitions live in splits.py; re-exported here for existing imports.
 from .splits import (ListEntry, find_split_files, id_from_path, labeled_count,  # noqa: F401
                      make_partition, read_list, split_tag, write_list)
@@ -42,18 +44,6 @@ class Sample:
     id: str
     image: str
     label: Optional[str]
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a dataset's labels mean. Arrays are excluded from equality and hashing."""
-    name: str
-    num_classes: int
-    ignore_index: int
-    class_names: tuple
-    palette: np.ndarray = field(compare=False)                 # (num_classes, 3) uint8
-    background_index: Optional[int] = None                     # 0 for VOC/synthetic
-    label_lut: Optional[np.ndarray] = field(default=None, compare=False)  # (256,) uint8
 
 
 @dataclass
@@ -75,20 +65,6 @@ VOC_CLASS_NAMES = (
 )
 
 
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The standard PASCAL VOC colour map (bit-interleaved), ``(n, 3)`` uint8."""
-    pal = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
-
-
 def voc_info() -> DatasetInfo:
     return DatasetInfo("voc", 21, 255, VOC_CLASS_NAMES, voc_palette(21), 0, None)
 
@@ -99,9 +75,26 @@ def cityscapes_info(use_labelids: bool) -> DatasetInfo:
                        CITYSCAPES_PALETTE.copy(), None, lut)
 
 
+# Datasets cps_fast generates itself on first use (in a VOC layout), by name:
+# (info(), default_root(), ensure(root) -> root).
+GENERATED = {
+    "synthetic": (synthetic.synthetic_info, synthetic.default_synthetic_root,
+                  lambda root: synthetic.ensure_synthetic(root)),
+    "synthetic-v2": (synthetic_v2.info, synthetic_v2.default_root,
+                     lambda root: synthetic_v2.ensure(root)),
+    "fashion": (fashion.info, fashion.default_root, lambda root: fashion.ensure(root)),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The label facts of a dataset by name (Cityscapes: its trainIds)."""
+    if name in GENERATED:
+        return GENERATED[name][0]()
+    return voc_info() if name == "voc" else cityscapes_info(False)
+
+
 def dataset_num_classes(name: str) -> int:
-    from .synthetic import SYNTHETIC_CLASS_NAMES
-    return {"voc": 21, "cityscapes": 19, "synthetic": len(SYNTHETIC_CLASS_NAMES)}[name]
+    return dataset_info(name).num_classes
 
 
 # --------------------------------------------------------------------------- problems
@@ -208,7 +201,8 @@ def _voc_cps(root: str, train_name: str, info: DatasetInfo) -> _Layout:
     for side in (train_name, "val"):
         img_dir = _need_dir(os.path.join(root, side, "image"), "image")
         lab_dir = _need_dir(os.path.join(root, side, "label"), "label")
-        images, labels = _scan(img_dir, ".jpg"), _scan(lab_dir, ".png")
+        # JPEG (the release) or lossless PNG images (the sets cps_fast generates).
+        images, labels = {**_scan(img_dir, ".png"), **_scan(img_dir, ".jpg")}, _scan(lab_dir, ".png")
         index = {i: Sample(i, p, labels.get(i)) for i, p in images.items()}
         lst = os.path.join(root, f"{side}.txt")
         if os.path.isfile(lst):
@@ -317,10 +311,8 @@ def _resolve(entries: Iterable, index: dict, root: str, list_name: str, need_lab
 
 
 def default_root(dataset: str) -> Optional[str]:
-    if dataset == "synthetic":
-        from .synthetic import default_synthetic_root
-        return default_synthetic_root()
-    return None
+    """Where a generated dataset lives unless data.root says otherwise (None: not generated)."""
+    return GENERATED[dataset][1]() if dataset in GENERATED else None
 
 
 def build_splits(cfg: DataConfig, strict: bool = True) -> Splits:
@@ -339,11 +331,10 @@ def build_splits(cfg: DataConfig, strict: bool = True) -> Splits:
         raise ConfigError(f"data.ignore_index: {cfg.ignore_index}, but {cfg.dataset} label files "
                           "mark ignored pixels with 255")
     root = cfg.root
-    if cfg.dataset == "synthetic":
-        from .synthetic import ensure_synthetic, synthetic_info
-        root = root or default_root("synthetic")
-        ensure_synthetic(root)
-        layout = _voc_layout(root, synthetic_info())
+    if cfg.dataset in GENERATED:
+        info_fn, root_fn, ensure = GENERATED[cfg.dataset]
+        root = ensure(root or root_fn())
+        layout = _voc_layout(root, info_fn())
     else:
         if not root:
             raise DataError(f"data.root: not set (the {cfg.dataset} dataset needs --data-root DIR)")
@@ -427,5 +418,5 @@ def build_splits(cfg: DataConfig, strict: bool = True) -> Splits:
 
 __all__ = [
     "Sample", "DatasetInfo", "Splits", "build_splits", "voc_info", "cityscapes_info",
-    "voc_palette", "VOC_CLASS_NAMES",
+    "voc_palette", "VOC_CLASS_NAMES", "dataset_info", "GENERATED",
 ]

@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .datasets import DatasetInfo, voc_palette
+from .generated import atomic_save, atomic_text, check_target
+from .info import DatasetInfo, voc_palette
 
 SYNTHETIC_VERSION = 1   # the dataset's name (synthetic-v1)
 # Bumped whenever the generator's output changes: a set from an older generator is then
@@ -199,19 +200,6 @@ def render_scene(rng: np.random.Generator) -> tuple:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_save(pil_img: Image.Image, path: str, **kw) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    pil_img.save(tmp, **kw)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def is_complete(root: str, n_train: Optional[int] = None, n_val: Optional[int] = None,
                 seed: Optional[int] = None) -> bool:
     """True when ``root`` holds a finished generation of this version (with these counts and
@@ -237,6 +225,8 @@ def generate_synthetic(root: str, n_train: int = DEFAULT_TRAIN, n_val: int = DEF
                        seed: int = DEFAULT_SEED) -> str:
     """(Re)generate the dataset under ``root``; returns ``root``. Deterministic: image i of
     a side depends only on (seed, side, i)."""
+    # Never over another generated set (synthetic-v2, fashion) or foreign files.
+    check_target(root, "synthetic", {"JPEGImages", "SegmentationClass", "ImageSets", MARKER})
     try:
         os.makedirs(root, exist_ok=True)
         dirs = {k: os.path.join(root, k) for k in ("JPEGImages", "SegmentationClass")}
@@ -253,16 +243,16 @@ def generate_synthetic(root: str, n_train: int = DEFAULT_TRAIN, n_val: int = DEF
                 sid = f"{side}_{i:05d}"
                 rng = np.random.default_rng(np.random.SeedSequence([seed, side_no, i]))
                 img, lab = render_scene(rng)
-                _atomic_save(Image.fromarray(img), os.path.join(dirs["JPEGImages"], sid + ".jpg"),
+                atomic_save(Image.fromarray(img), os.path.join(dirs["JPEGImages"], sid + ".jpg"),
                              format="JPEG", quality=90)
                 # A palette PNG whose indices are the classes (as VOC's SegmentationClass).
                 lab_img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), lab.tobytes())
                 lab_img.putpalette(palette)
-                _atomic_save(lab_img, os.path.join(dirs["SegmentationClass"], sid + ".png"),
+                atomic_save(lab_img, os.path.join(dirs["SegmentationClass"], sid + ".png"),
                              format="PNG")
                 ids.append(sid)
-            _atomic_text(os.path.join(sets, f"{side}.txt"), "\n".join(ids) + "\n")
-        _atomic_text(marker, json.dumps(_meta(n_train, n_val, seed)) + "\n")  # last
+            atomic_text(os.path.join(sets, f"{side}.txt"), "\n".join(ids) + "\n")
+        atomic_text(marker, json.dumps(_meta(n_train, n_val, seed)) + "\n")  # last
     except OSError as e:
         raise DataError(f"{root}: cannot write the synthetic dataset ({e.strerror or e})") from None
     return root

@@ -146,7 +146,7 @@ class Trainer:
         else:
             self.backbone_start = "from scratch (model.pretrained=none)"
             self._say(f"backbone: {self.backbone_start}" + (
-                "" if cfg.data.dataset == "synthetic" else
+                "" if cfg.data.dataset not in ("voc", "cityscapes") else
                 " -- the published numbers of this preset assume an ImageNet backbone"))
         seed_everything(cfg.train.seed)
 

@@ -1,15 +1,16 @@
-"""Fixtures for the engine tests: a small synthetic dataset and a tiny, fast config."""
+"""Fixtures for the engine tests: a small synthetic-v2 dataset (the default preset's) and a
+tiny, fast config."""
 
 import pytest
 
-from cps_fast.data.synthetic import generate_synthetic
+from cps_fast.data import synthetic_v2
 from engine_helpers import tiny_config
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    return str(generate_synthetic(str(root), n_train=48, n_val=6, seed=3))
+    return str(synthetic_v2.generate(str(root), n_train=48, n_val=6, seed=3))
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from cps_fast.metrics import mean_iou
 
 @pytest.mark.slow
 def test_short_synthetic_run_beats_chance(tmp_path_factory):
-    from cps_fast.data.synthetic import generate_synthetic
-    root = generate_synthetic(str(tmp_path_factory.mktemp("synth_learn")), n_train=200,
-                              n_val=30, seed=11)
+    from cps_fast.data import synthetic_v2
+    root = synthetic_v2.generate(str(tmp_path_factory.mktemp("synth_learn")), n_train=200,
+                                 n_val=30, seed=11)
     torch.set_num_threads(2)
     cfg = presets.get("synthetic", "supervised").apply_overrides([
         f"data.root={root}", "data.split=1/1", "train.iters=250", "eval.every=0",

@@ -58,7 +58,7 @@ def test_a_few_steps_lower_the_loss(method):
 
 def test_cps_loss_matches_hand_assembly():
     """loss = sup_a + sup_b + lambda * cps with the reference ops, on one forward."""
-    cfg, nets, step = _setup("cps")
+    cfg, nets, step = _setup("cps", **{"loss.cps_rampup": 0})  # lambda constant
     batch = _batch()
     out = {k: v.detach() for k, v in step.losses(batch).items()}
     assert float(out["loss"]) == pytest.approx(
@@ -110,5 +110,5 @@ def test_cps_rampup_follows_the_device_step_counter():
     assert float(lam()) == pytest.approx(1.5 * math.exp(-5.0 * 0.25))
     step.optim.step_t.fill_(400)
     assert float(lam()) == pytest.approx(1.5)
-    _, _, flat = _setup("cps")
+    _, _, flat = _setup("cps", **{"loss.cps_rampup": 0})  # no ramp-up: the constant
     assert flat.objective.cps_lambda(flat.optim.step_t) == 1.5

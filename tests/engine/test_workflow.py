@@ -110,7 +110,7 @@ def test_evaluate_cli_names_the_network_of_every_figure(trained, tmp_path):
 
 
 def test_predict_cli_writes_palette_masks(trained, synth_root, tmp_path):
-    img_dir = os.path.join(synth_root, "JPEGImages")
+    img_dir = os.path.join(synth_root, "val", "image")
     one = sorted(os.listdir(img_dir))[0]
     r = _py("cps_fast.predict", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
             os.path.join(img_dir, one), "--out", str(tmp_path / "pred"), "--overlay")
