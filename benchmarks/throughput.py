@@ -11,7 +11,14 @@ adding one thing to the one before:
   eager_amp        + bf16 autocast
   eager_amp_cl     + channels_last                      <- the baseline of every speed-up
   fused            + fused loss kernels (train.kernels=auto: Triton on the GPU)
-  graph_fused      + the whole step replayed as one CUDA graph (--path fast)
+  graph_fused      + the whole step replayed as one CUDA graph (--path fast, train.compile=off)
+  compiled_fast    + both networks and the losses compiled by TorchInductor inside that
+                   graph (--path fast, train.compile=auto); compiled_fast_max_autotune the
+                   same in Inductor's max-autotune mode (its CUDA graphs off, as always).
+                   ``fast_compile`` in the record says what happened (compiled, compile_s,
+                   the dry-run check's error, the fallback reason); ``--inductor
+                   KEY=VALUE,...`` adds Inductor config patches to these two (experiments
+                   for the GPU round, e.g. conv_1x1_as_mm=1, coordinate_descent_tuning=1)
   ddp_ws1          the fused step inside DistributedDataParallel at world size 1 (the
                    single-process overhead of DDP, against "fused")
   compile_default / compile_max_autotune / compile_reduce_overhead
@@ -73,6 +80,7 @@ from _common import (append_jsonl, ceilings, device_slug, environment, ext_statu
                      fallback_from_auto, loss_backends, markdown_table, seconds_left)
 
 from cps_fast import presets  # noqa: E402
+from cps_fast.engine.compiled import CompiledStep  # noqa: E402
 from cps_fast.engine.graph import GraphStep  # noqa: E402
 from cps_fast.engine.optim import PolySGD  # noqa: E402
 from cps_fast.engine.step import TrainStep  # noqa: E402
@@ -82,14 +90,18 @@ from cps_fast.models import build_model  # noqa: E402
 # fields; a key left out takes its DEFAULTS value). amp: autocast dtype; cl: channels_last;
 # kernels: the loss backend asked (auto = the fused kernels, Triton on the GPU); graph: the
 # whole step as one CUDA graph (GraphStep); compile: torch.compile mode of the step's
-# forward + losses; ddp: inside DistributedDataParallel at world size 1.
-DEFAULTS = dict(amp="bf16", cl=True, kernels="auto", graph=False, compile=None, ddp=False)
+# forward + losses; fast_compile: the fast step's own compile of networks + losses
+# (engine/compiled.py, its mode); ddp: inside DistributedDataParallel at world size 1.
+DEFAULTS = dict(amp="bf16", cl=True, kernels="auto", graph=False, compile=None,
+                fast_compile=None, ddp=False)
 LADDER = {
     "eager_fp32": dict(amp="none", cl=False, kernels="torch"),
     "eager_amp": dict(cl=False, kernels="torch"),
     "eager_amp_cl": dict(kernels="torch"),
     "fused": dict(),
     "graph_fused": dict(graph=True),
+    "compiled_fast": dict(graph=True, fast_compile="default"),
+    "compiled_fast_max_autotune": dict(graph=True, fast_compile="max-autotune"),
     "ddp_ws1": dict(ddp=True),
     "compile_default": dict(kernels="torch", compile="default"),
     "compile_max_autotune": dict(kernels="torch", compile="max-autotune"),
@@ -163,8 +175,9 @@ def loader_batches(cfg, device, data: str, workdir: str, preset: str, quick: boo
     return nxt, streams
 
 
-def build(cfg, device, variant, compile_backend="inductor"):
-    """(step, note): the step the variant times, and why it is not what was asked (or None)."""
+def build(cfg, device, variant, compile_backend="inductor", inductor=None):
+    """(step, note): the step the variant times, and why it is not what was asked (or None).
+    ``inductor``: extra Inductor config patches of the fast_compile variants."""
     v = flags(variant)
     nets = []
     for i in range(2):
@@ -180,11 +193,33 @@ def build(cfg, device, variant, compile_backend="inductor"):
         kw = ({"mode": v["compile"]} if compile_backend == "inductor"
               else {"backend": compile_backend})   # a mode needs inductor
         step.module = torch.compile(step.objective, **kw)
+    if v["fast_compile"] is not None:
+        step = CompiledStep(step, v["fast_compile"], options=inductor,
+                            backend=None if compile_backend == "inductor" else compile_backend)
     if v["graph"]:
         if device.type != "cuda":
-            return step, "CUDA graphs need a GPU: eager step timed instead"
+            return step, "CUDA graphs need a GPU: the step timed without one"
         return GraphStep(step, warmup=3), None
     return step, None
+
+
+def parse_options(text):
+    """'a=1,b.c=x' -> {'a': True, 'b.c': 'x'} (1/0/true/false are booleans, then numbers)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --inductor {item!r}: expected KEY=VALUE")
+        low = raw.strip().lower()
+        if low in ("1", "true", "0", "false"):
+            val = low in ("1", "true")
+        else:
+            try:
+                val = int(raw) if raw.strip().lstrip("-").isdigit() else float(raw)
+            except ValueError:
+                val = raw.strip()
+        out[key.strip()] = val
+    return out
 
 
 def ddp_world1(module, device):
@@ -334,6 +369,12 @@ def _what_ran(rec: dict, cfg, variant: str, step, note, device, graphs_before) -
         fallback.append(f"CUDA graph not captured: {why or 'unknown reason'}")
     elif v["graph"] and replays == 0:
         fallback.append("CUDA graph captured but never replayed")
+    if v["fast_compile"] is not None:
+        inner = step.step if isinstance(step, GraphStep) else step
+        rec["fast_compile"] = inner.report() if isinstance(inner, CompiledStep) else None
+        if not (rec["fast_compile"] or {}).get("compiled"):
+            fallback.append((rec["fast_compile"] or {}).get("compile_fallback")
+                            or "the networks were not compiled")
     if v["compile"] is not None:
         graphs, breaks = _dynamo_counts()
         rec["compile_graphs"] = graphs - graphs_before[0]
@@ -371,7 +412,7 @@ def prepare(rec, cfg, variant, preset, device, args, workdir, steps) -> Runner:
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    step, note = build(cfg, device, variant, args.compile_backend)
+    step, note = build(cfg, device, variant, args.compile_backend, args.inductor_options)
     streams = None
     if args.data == "memory":
         pool = memory_batches(cfg, device)
@@ -537,7 +578,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile a few steps of each variant: per-phase times and the "
                         "device-busy fraction in the record, the top-30 op table in DIR")
+    p.add_argument("--inductor", default=None, metavar="KEY=VALUE,...",
+                   help="Inductor config patches for the compiled_fast variants (recorded)")
     args = p.parse_args(argv)
+    args.inductor_options = parse_options(args.inductor)
 
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     if args.quick and "OMP_NUM_THREADS" not in os.environ:

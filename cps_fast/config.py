@@ -32,6 +32,8 @@ BACKBONE_NAMES = ("resnet50", "resnet101", "resnet50_tv", "resnet101_tv",
 # train from scratch, and it is what config.json then records.
 PRETRAINED_REQUIRED = "required"
 PRETRAINED_NONE = "none"
+# train.compile: auto | off | an Inductor mode (engine/compiled.py)
+COMPILE_CHOICES = ("auto", "off", "default", "max-autotune")
 
 
 from .errors import ConfigError  # noqa: E402  (re-exported: config users import it from here)
@@ -225,6 +227,9 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda
     path: str = "eager"                 # eager | fast (CUDA graph; falls back to eager off CUDA)
     graph_warmup: int = 3               # eager steps before the CUDA graph is captured
+    compile: str = "auto"               # the fast step's networks + losses by TorchInductor:
+                                        # auto (on for --path fast on CUDA) | off | default |
+                                        # max-autotune (Inductor's own CUDA graphs always off)
     cudnn_benchmark: bool = True        # let cuDNN time its conv algorithms (fixed crops)
     amp: str = "none"                   # none | bf16 | fp16
     kernels: str = "auto"               # auto | torch | triton | cuda | cpp
@@ -242,6 +247,11 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda")
         _check(self.path in ("eager", "fast"), "train.path", "eager or fast")
         _check(self.graph_warmup >= 1, "train.graph_warmup", "must be >= 1")
+        _check(self.compile in COMPILE_CHOICES, "train.compile",
+               f"{self.compile!r}: expected one of {', '.join(COMPILE_CHOICES)}")
+        _check(self.path == "fast" or self.compile in ("auto", "off"), "train.compile",
+               f"{self.compile} applies to train.path=fast (the eager path is the reference); "
+               f"set train.path=fast or train.compile=off")
         _check(self.amp in ("none", "bf16", "fp16"), "train.amp", "none, bf16 or fp16")
         _check(self.kernels in ("auto", "torch", "triton", "cuda", "cpp"), "train.kernels",
                "auto, torch, triton, cuda or cpp")

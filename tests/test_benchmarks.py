@@ -75,6 +75,26 @@ def test_throughput_records_a_forced_fallback(tmp_path):
     assert "fused" in head and problems and "fallback: auto -> torch" in problems[0]
 
 
+def test_a_compile_that_falls_back_fails_the_rounds_stage(tmp_path):
+    """compiled_fast whose compilation fails (here: a dynamo backend that does not exist)
+    trains on the uncompiled step, and says so: the record's fast_compile carries the status
+    and the one-line reason, ``fallback`` lists it, and the GPU round's verdict is a failure
+    naming it -- not a slow compiled step."""
+    _, recs = _throughput(tmp_path, "compiled_fast", "--compile-backend", "no_such_backend")
+    (rec,) = recs
+    assert rec["median_ms"] > 0
+    fc = rec["fast_compile"]
+    assert fc["compiled"] is False and fc["compile_status"] == "fallback"
+    assert fc["compile_fallback"].startswith("train.compile=default: compilation failed (")
+    assert "no_such_backend" in fc["compile_fallback"]
+    assert fc["compile_fallback"] in rec["fallback"]
+    gpu_round = _import_gpu_round()
+    _, problems = gpu_round.read_train_step(recs, recs)
+    assert f"voc compiled_fast: fallback: {fc['compile_fallback']}" in problems
+    res = gpu_round.Result(gpu_round.STAGES[4], rc=0)
+    assert gpu_round.Round.verdict(None, res, problems).startswith("FAIL: ")
+
+
 def _import_gpu_round():
     import importlib.util
     spec = importlib.util.spec_from_file_location(

@@ -13,6 +13,9 @@ rate and the step counter as device tensors advanced inside the graph, fused SGD
 them, gradients kept allocated (``zero_grad(set_to_none=False)``), non-finite steps skipped
 on the device, CutMix masks from the default CUDA generator (whose Philox offsets graphs
 track). Off CUDA, or under DDP, ``make_step`` returns the eager step with a one-line reason.
+With ``train.compile`` the step it wraps is a ``CompiledStep`` (compiled.py): the first
+warm-up call compiles the networks and losses, and the capture records the compiled
+forward and backward with the optimiser around them.
 
 The mechanics of warm-up and capture sit behind a small ``capture`` object
 (``CudaGraphCapture`` here); the tests substitute a CPU op-recording one with the same
@@ -27,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .compiled import CompiledStep, resolve_mode
 from .step import TrainStep
 
 
@@ -139,16 +143,40 @@ class GraphStep:
 
 
 def make_step(step: TrainStep, path: str, device: torch.device, world_size: int,
-              warmup: int = 3, say: Callable[[str], None] = print):
-    """The step for ``--path``: a GraphStep where it can run, else the eager step (with a
-    one-line reason)."""
+              warmup: int = 3, say: Callable[[str], None] = print, compile: str = "auto"):
+    """The step for ``--path`` and ``train.compile``: on a single CUDA process a GraphStep
+    around the compiled (or, with ``compile=off``, the eager) step; elsewhere the eager step
+    with a one-line reason -- or, where a compile mode was asked for explicitly on the CPU,
+    the compiled step without a graph. Compile failures fall back inside ``CompiledStep``
+    (to graph + fused), capture failures inside ``GraphStep`` (to the step it wraps)."""
     if path != "fast":
         return step
-    if device.type != "cuda":
-        say(f"--path fast: no CUDA device ({device}); running the eager step")
-        return step
+    mode = resolve_mode(compile, device, world_size)
     if world_size > 1:
-        say("--path fast: CUDA-graph capture under DDP is not enabled yet; running the eager "
-            "step")
+        say("--path fast: CUDA-graph capture and compilation under DDP are not enabled yet; "
+            "running the eager step")
         return step
-    return GraphStep(step, warmup=warmup, on_fallback=lambda r: say(f"--path fast: {r}"))
+    inner = step if mode is None else CompiledStep(
+        step, mode, on_fallback=lambda r: say(f"--path fast: {r}"))
+    if device.type != "cuda":
+        say(f"--path fast: no CUDA device ({device}); running the "
+            + ("eager step" if mode is None else f"compiled step (train.compile={mode}) "
+               "without a CUDA graph"))
+        return inner
+    return GraphStep(inner, warmup=warmup, on_fallback=lambda r: say(f"--path fast: {r}"))
+
+
+def describe_step(step) -> dict:
+    """What a step object actually runs (benchmark records, the trainer's compile report):
+    whether a CUDA graph was captured, whether the objective was compiled, and why not."""
+    out: dict = {"graph": isinstance(step, GraphStep)}
+    if isinstance(step, GraphStep):
+        out["graph_captured"] = step.captured
+        if step.fallback_reason is not None:
+            out["graph_fallback"] = step.fallback_reason
+        step = step.step
+    if isinstance(step, CompiledStep):
+        out.update(step.report())
+    else:
+        out["compiled"] = False
+    return out

@@ -6,6 +6,11 @@ synchronises the host with the device: losses and statistics come back as device
 tensors, a non-finite loss or gradient skips the optimiser update on the device
 (``found_inf``) and restores the BatchNorm running statistics its forward pass had already
 moved, and the CutMix masks are drawn from a device generator.
+
+``CPSObjective.forward`` draws the CutMix masks (the only random numbers of a step) and
+then calls ``compute``, a pure function of the batch, the masks and the device step counter:
+the part the fast path hands to ``torch.compile`` (``compiled.py``), so that the masks stay
+the eager ones, from the run's generator, and nothing random is traced.
 """
 
 from __future__ import annotations
@@ -50,11 +55,18 @@ class CPSObjective(nn.Module):
         self.channels_last = cfg.model.channels_last
         # None: the device's default generator (what a captured CUDA graph tracks).
         self.generator = cutmix_generator
+        # What forward calls after drawing the masks: ``compute`` itself (eager), or its
+        # torch.compile'd version (set by compiled.CompiledStep).
+        self.compute_fn: Callable = self.compute
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self, device: torch.device):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
+        if ops._is_compiling():
+            # Traced: the casts become graph ops (Inductor CSEs a weight's repeated cast),
+            # so the weight cache is not needed, and no capture query is traced.
+            return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
         # The autocast weight cache must not outlive a graph capture.
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=not capturing)
@@ -71,17 +83,41 @@ class CPSObjective(nn.Module):
                                           backend=self.backend)
         return ops.cross_entropy(logits, target, self.ignore_index, backend=self.backend)
 
-    def cps_lambda(self, device: torch.device):
+    def cps_lambda(self, step_t: Optional[torch.Tensor]):
         """lambda, or lambda * exp(-5 (1 - t)^2) with t = step / rampup (the Mean-Teacher
         sigmoid ramp-up), computed on the device from the step counter: graph-safe."""
-        if self.cps_rampup <= 0 or self.step_t is None:
+        if self.cps_rampup <= 0 or step_t is None:
             return self.cps_weight
-        t = (self.step_t.to(torch.float32) / self.cps_rampup).clamp(0.0, 1.0)
+        t = (step_t.to(torch.float32) / self.cps_rampup).clamp(0.0, 1.0)
         return self.cps_weight * torch.exp(-5.0 * (1.0 - t) ** 2)
+
+    def load_backends(self, device: torch.device) -> None:
+        """Import the loss backends this objective calls now (``ops`` loads them lazily, on
+        first use): an import cannot be traced, so the compiled path does this first."""
+        used = ["cross_entropy"]
+        if self.loss_cfg.supervised == "ohem":
+            used.append("ohem_cross_entropy")
+        if self.method == "cps":
+            used.append("cps_loss")
+        for op in used:
+            ops.resolve(op, self.backend, device.type)
+
+    def draw_mask(self, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The CutMix box masks of this step (None unless cps-cutmix), from the generator."""
+        if self.method != "cps-cutmix":
+            return None
+        n, _, h, w = batch["unlabeled"].shape
+        return box_masks(n, h, w, self.generator, batch["unlabeled"].device)
 
     # ------------------------------------------------------------------ losses
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The forward pass and the losses (no backward); all values are device tensors."""
+        return self.compute_fn(batch, self.draw_mask(batch), self.step_t)
+
+    def compute(self, batch: dict[str, torch.Tensor], mask: Optional[torch.Tensor],
+                step_t: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The networks and the losses given this step's CutMix masks and step counter:
+        deterministic, host-sync free, traceable whole by torch.compile (fullgraph)."""
         img, label = batch["image"], batch["label"]
         device = img.device
         zero = torch.zeros((), device=device)
@@ -106,8 +142,6 @@ class CPSObjective(nn.Module):
                                           backend=self.backend)
             else:  # cps-cutmix: CPS on the mixed unlabeled images only
                 u0, u1 = batch["unlabeled"], batch["unlabeled2"]
-                n, _, h, w = u0.shape
-                mask = box_masks(n, h, w, self.generator, device)
                 with torch.no_grad():
                     # Teachers: each network on both unmixed images, logits mixed with
                     # the same mask; their argmax supervises the *other* network.
@@ -123,7 +157,7 @@ class CPSObjective(nn.Module):
                                            backend=self.backend))
                 la, lb = self._fwd(net_a, img), self._fwd(net_b, img)
                 sup_a, sup_b = self._sup(la, label), self._sup(lb, label)
-            loss = sup_a + sup_b + self.cps_lambda(device) * cps
+            loss = sup_a + sup_b + self.cps_lambda(step_t) * cps
         return {"loss": loss, "sup_a": sup_a, "sup_b": sup_b, "cps": cps, "stats": stats}
 
 

@@ -30,7 +30,7 @@ from ..runlog import MetricsLog, Progress
 from ..distributed import DistInfo, all_reduce_, barrier, convert_sync_bn, wrap_ddp
 from .evaluator import (check_select, eval_figures, evaluate, figure_label, format_mious,
                         headline, protocol, protocol_str)
-from .graph import GraphStep, make_step
+from .graph import GraphStep, describe_step, make_step
 from .optim import PolySGD
 from .step import TrainStep
 
@@ -167,7 +167,9 @@ class Trainer:
             wrap=(lambda m: wrap_ddp(m, self.dist, self.device)) if self.dist.enabled else None,
             reduce_flag=(lambda t: all_reduce_(t, "max")) if self.dist.enabled else None)
         self.step_fn = make_step(self.step_fn, cfg.train.path, self.device, world_size,
-                                 warmup=cfg.train.graph_warmup, say=self._warn)
+                                 warmup=cfg.train.graph_warmup, say=self._warn,
+                                 compile=cfg.train.compile)
+        self._compile_reported = False
         # Which figures evaluation computes and which is the headline: checked now, not
         # at the first evaluation hours later.
         self.eval_figures = eval_figures(cfg.eval.network, n_nets)
@@ -225,6 +227,28 @@ class Trainer:
                                "num_val": len(self.splits.val),
                                "splits": self.splits.sources}
         (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+
+    def _report_compile(self) -> None:
+        """Once, after the first step (which compiles): the compilation time or the
+        fallback, as one line, a metrics record and ``derived.compile`` in config.json."""
+        self._compile_reported = True
+        info = describe_step(self.step_fn)
+        if "compile_mode" not in info:
+            return  # nothing was compiled or tried
+        if info["compiled"]:
+            self._say(f"compiled the step (train.compile={info['compile_mode']}, "
+                      f"{info['compile_graphs']} graph): {info['compile_s']:.1f} s")
+        # (a fallback was already printed, with its reason, when it happened)
+        rec = {"kind": "compile", "step": self.step, "time": time.time(),
+               **{k: v for k, v in info.items() if k.startswith("compile")}}
+        if self.log is not None:
+            self.log.write(rec)
+        cfg_path = self.run_dir / "config.json"
+        if self.is_main and cfg_path.is_file():
+            resolved = json.loads(cfg_path.read_text())
+            resolved.setdefault("derived", {})["compile"] = {k: v for k, v in rec.items()
+                                                            if k not in ("kind", "time")}
+            cfg_path.write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
     def _resume(self, resume: str) -> None:
         path = Path(resume) if resume not in ("", "latest") else self.ckpt.latest()
@@ -412,6 +436,8 @@ class Trainer:
             while self.step < self.total_iters:
                 out = self.step_fn(self._next_batch())
                 self.step += 1
+                if not self._compile_reported:
+                    self._report_compile()
                 self._accumulate(out)
                 progress.update(self.step, self.images_per_step * self.world_size)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_iters:

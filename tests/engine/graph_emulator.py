@@ -17,7 +17,12 @@ data-dependent output shapes, and tensors built from host data inside the step
 (``lift_fresh``: ``torch.tensor(...)``, a host-to-device copy on the GPU).
 
 It cannot see what never reaches the dispatcher (a raw kernel launch from Python); every op
-of cps_fast is a ``torch.library`` custom op, so nothing of ours is in that class.
+of cps_fast is a ``torch.library`` custom op, so nothing of ours is in that class. Code that
+TorchInductor generates is in that class (its fused kernels are called directly), so a
+compiled step is recorded with the ``aot_eager`` backend: the same dynamo graph and
+AOTAutograd forward/backward, run op by op through the dispatcher. Dynamo runs compiled
+frames under this mode because it declares ``ignore_compile_internals`` (otherwise dynamo
+skips compiled code whenever a dispatch mode is active).
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.calls: list = []
         self.hazards: list[str] = []
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Run (and record) already compiled frames instead of skipping them (torch >= 2.8).
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

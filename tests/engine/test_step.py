@@ -103,11 +103,12 @@ def test_bf16_autocast_step_is_finite():
 
 def test_cps_rampup_follows_the_device_step_counter():
     _, _, step = _setup("cps", **{"loss.cps_rampup": 100})
-    lam = step.objective.cps_lambda
-    assert float(lam(torch.device("cpu"))) == pytest.approx(1.5 * math.exp(-5.0))
+    assert step.objective.step_t is step.optim.step_t
+    lam = lambda: step.objective.cps_lambda(step.objective.step_t)  # noqa: E731
+    assert float(lam()) == pytest.approx(1.5 * math.exp(-5.0))
     step.optim.step_t.fill_(50)
-    assert float(lam(torch.device("cpu"))) == pytest.approx(1.5 * math.exp(-5.0 * 0.25))
+    assert float(lam()) == pytest.approx(1.5 * math.exp(-5.0 * 0.25))
     step.optim.step_t.fill_(400)
-    assert float(lam(torch.device("cpu"))) == pytest.approx(1.5)
+    assert float(lam()) == pytest.approx(1.5)
     _, _, flat = _setup("cps", **{"loss.cps_rampup": 0})  # no ramp-up: the constant
-    assert flat.objective.cps_lambda(torch.device("cpu")) == 1.5
+    assert flat.objective.cps_lambda(flat.optim.step_t) == 1.5
