@@ -17,6 +17,17 @@ OFFICIAL_SPLITS_ENV = "CPS_FAST_OFFICIAL_SPLITS"
 OFFICIAL_SPLITS = os.environ.get(OFFICIAL_SPLITS_ENV, "")
 
 
+def tree_bytes(root) -> dict:
+    """Every file under ``root``: relative path -> its bytes (to compare generated trees)."""
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
 def rand_image(rng, h, w) -> np.ndarray:
     return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 

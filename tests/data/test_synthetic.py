@@ -13,21 +13,13 @@ from cps_fast.data.synthetic import (MARKER, SIZE_RANGE, SYNTHETIC_CLASS_NAMES,
                                      default_synthetic_root, ensure_synthetic,
                                      generate_synthetic, is_complete, render_scene)
 from cps_fast.errors import ConfigError
-
-
-def files(root):
-    out = {}
-    for d, _, fs in os.walk(root):
-        for f in fs:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = Path(p).read_bytes()
-    return out
+from data_fakes import tree_bytes
 
 
 def test_generation_is_deterministic_and_complete(tmp_path):
     a = generate_synthetic(str(tmp_path / "a"), n_train=6, n_val=3, seed=1)
     b = generate_synthetic(str(tmp_path / "b"), n_train=6, n_val=3, seed=1)
-    fa, fb = files(a), files(b)
+    fa, fb = tree_bytes(a), tree_bytes(b)
     assert fa == fb
     assert len([k for k in fa if k.startswith("JPEGImages")]) == 9
     assert len([k for k in fa if k.startswith("SegmentationClass")]) == 9
@@ -36,7 +28,7 @@ def test_generation_is_deterministic_and_complete(tmp_path):
     train = Path(a, "ImageSets", "Segmentation", "train.txt").read_text().split()
     assert train == [f"train_{i:05d}" for i in range(6)]
     c = generate_synthetic(str(tmp_path / "c"), n_train=6, n_val=3, seed=2)
-    assert files(c)["JPEGImages/train_00000.jpg"] != fa["JPEGImages/train_00000.jpg"]
+    assert tree_bytes(c)["JPEGImages/train_00000.jpg"] != fa["JPEGImages/train_00000.jpg"]
 
 
 def test_interrupted_generation_is_redone(tmp_path):

@@ -13,22 +13,14 @@ from cps_fast.data import synthetic, synthetic_v2 as v2
 from cps_fast.data.datasets import build_splits
 from cps_fast.data.generated import MARKER
 from cps_fast.data.io import read_image, read_label
-
-
-def files(root):
-    out = {}
-    for d, _, fs in os.walk(root):
-        for f in fs:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = Path(p).read_bytes()
-    return out
+from data_fakes import tree_bytes
 
 
 def test_generation_is_deterministic_by_seed(tmp_path):
     a = v2.generate(str(tmp_path / "a"), n_train=5, n_val=3, seed=1)
     b = v2.generate(str(tmp_path / "b"), n_train=5, n_val=3, seed=1)
-    fa = files(a)
-    assert fa == files(b)
+    fa = tree_bytes(a)
+    assert fa == tree_bytes(b)
     assert sorted(k for k in fa if k.startswith(os.path.join("train", "image"))) == \
         [os.path.join("train", "image", f"train_{i:05d}.png") for i in range(5)]
     assert len([k for k in fa if k.startswith(os.path.join("val", "label"))]) == 3
@@ -36,10 +28,10 @@ def test_generation_is_deterministic_by_seed(tmp_path):
     assert Path(a, "train.txt").read_text().split() == [f"train_{i:05d}" for i in range(5)]
     c = v2.generate(str(tmp_path / "c"), n_train=5, n_val=3, seed=2)
     key = os.path.join("train", "image", "train_00000.png")
-    assert files(c)[key] != fa[key]
+    assert tree_bytes(c)[key] != fa[key]
     # Image i depends only on (seed, side, i): a longer set starts with the same images.
     d = v2.generate(str(tmp_path / "d"), n_train=7, n_val=1, seed=1)
-    assert files(d)[key] == fa[key]
+    assert tree_bytes(d)[key] == fa[key]
 
 
 def test_images_are_lossless(tmp_path):
